@@ -1,0 +1,46 @@
+"""The cohort contract's constants, shared by every reader and writer of a cohort.
+
+Kept in one module so the synthetic generator and the reader cannot drift apart: see
+``shared/cohort-format.md`` (reproduced in the README) for the contract itself.
+"""
+
+CLINICAL_CSV = "clinical.csv"
+DICOM_DIR = "dicom"
+MASKS_DIR = "masks"
+
+REQUIRED_COLUMNS = ("patient_id", "center", "age", "sex", "dxa_t_score", "mri_date", "level", "label")
+OPTIONAL_COLUMNS = ("ct_date", "etiology", "ct_series_uid")
+
+LABELS = ("chronic", "acute")  # index 1 is the positive class: acute (bone-marrow oedema on MRI)
+SEXES = ("F", "M")
+
+# VerSe label ids of the vertebral levels (C1..C7 = 1..7, T1..T12 = 8..19, L1..L6 = 20..25, T13 = 28).
+LEVEL_IDS = {
+    **{f"C{i}": i for i in range(1, 8)},
+    **{f"T{i}": 7 + i for i in range(1, 13)},
+    **{f"L{i}": 19 + i for i in range(1, 7)},
+    "T13": 28,
+}
+LEVEL_NAMES = {v: k for k, v in LEVEL_IDS.items()}
+
+# Inclusion criteria of the protocol.
+MIN_AGE = 50
+MAX_CT_MRI_DAYS = 14
+DEFAULT_ETIOLOGY = "osteoporotic"
+
+# Stable exclusion codes (one per criterion) used in flow reports.
+EXCLUSION_CODES = (
+    "age",
+    "etiology",
+    "interval",
+    "no_ct",
+    "level_not_in_fov",
+    "implant",
+    "image_quality",
+    "unreadable",
+)
+# Reasons a row cannot be used that are not protocol criteria but data problems.
+DATA_PROBLEM_CODES = ("invalid", "no_mask", "mask_mismatch")
+
+# Mask voxels must coincide with CT voxels within this distance (mm).
+MASK_TOLERANCE_MM = 0.01

@@ -1,0 +1,227 @@
+"""LightningDataModule over one cohort: development center -> train/val, the other -> test.
+
+The external center is read only for `test` (and `predict`); it never enters training or model
+selection. Without `cohort`, the synthetic cohort described by `synthetic` is generated once into
+the cache and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ovcf.contract import CLINICAL_CSV, LABELS
+from ovcf.data.clinical import read_centers
+from ovcf.data.ingest import RoiSpec, check_cohort, ingest, read_index
+from ovcf.data.splits import train_val_split
+from ovcf.errors import ConfigError
+
+
+class VertebraDataset(Dataset):
+    """In-memory ROIs of fractured vertebrae with their label and clinical features."""
+
+    def __init__(self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window):
+        lo, hi = hu_window
+        self.rows = rows
+        self.images = torch.from_numpy((np.clip(images, lo, hi) - lo) / (hi - lo)).float().unsqueeze(1)
+        self.masks = torch.from_numpy(masks).unsqueeze(1)
+        self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
+        self.clinical = torch.tensor([clinical_features(r) for r in rows], dtype=torch.float32).reshape(len(rows), 3)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.rows[i]
+        return {
+            "image": self.images[i],
+            "mask": self.masks[i],
+            "label": self.labels[i],
+            "clinical": self.clinical[i],
+            "id": f"{r['pseudonym']}:{r['level']}",
+        }
+
+
+def clinical_features(row: dict) -> list[float]:
+    """Age, sex and T-score scaled to about unit range; a missing T-score reads as typical (-2.5)."""
+    t = row["dxa_t_score"]
+    t = -2.5 if np.isnan(t) else t
+    age = 70.0 if np.isnan(row["age"]) else row["age"]
+    return [(age - 70.0) / 10.0, 1.0 if row["sex"] == "F" else -1.0, (t + 2.5) / 1.5]
+
+
+def synthetic_folder(cache_dir: Path, params: dict) -> Path:
+    """Cache folder named by the generator parameters (worker count excluded)."""
+    params = {k: v for k, v in params.items() if k not in ("num_workers", "progress")}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
+
+
+class CohortDataModule(L.LightningDataModule):
+    """Vertebra samples of a cohort in the cohort format, split by patient.
+
+    Args:
+        cohort: folder with clinical.csv, dicom/ and optional masks/; None uses `synthetic`.
+        synthetic: parameters of `ovcf.synth.generate_cohort` for the built-in cohort.
+        cache_dir: where generated cohorts and preprocessed samples are kept.
+        key_file: pseudonym key file (see `ovcf.data.pseudonym`).
+        dev_center: center used for train/val; None takes the first center name in sorted order.
+        external_center: center used only for test; None takes the second.
+        val_fraction: share of development patients held out for validation.
+        seed: split seed.
+        roi_size: voxels per side of the cube cropped around each fractured body.
+        roi_spacing: its isotropic spacing in mm.
+        hu_window: HU range mapped to [0, 1].
+    """
+
+    def __init__(
+        self,
+        cohort: str | None = None,
+        synthetic: dict | None = None,
+        cache_dir: str = ".cache/ovcf",
+        key_file: str = "~/.cache/ovcf/pseudonym.key",
+        dev_center: str | None = None,
+        external_center: str | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        roi_size: int = 48,
+        roi_spacing: float = 1.25,
+        hu_window: tuple[float, float] = (-250.0, 1250.0),
+        batch_size: int = 16,
+        num_workers: int = 0,
+        ingest_workers: int = 2,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if cohort is None and not synthetic:
+            raise ConfigError("no cohort: set data.cohort to a cohort folder, or keep the synthetic cohort config")
+        if synthetic is not None and not isinstance(synthetic, dict):  # a DictConfig from Hydra
+            from omegaconf import OmegaConf
+
+            synthetic = OmegaConf.to_container(synthetic, resolve=True)
+        self.save_hyperparameters(logger=False)
+        self.roi = RoiSpec(int(roi_size), float(roi_spacing))
+        self.datasets: dict[str, VertebraDataset] = {}
+        # Fail before any work when the folder, its CSV or a center name is wrong.
+        if cohort is not None:
+            found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
+        else:
+            found = sorted(synthetic.get("centers", {}))
+        dev, ext = self._centers(found)
+        self.centers: dict[str, str] = {"dev": dev, "external": ext}
+
+    @property
+    def cohort_path(self) -> Path:
+        hp = self.hparams
+        if hp.cohort is not None:
+            return Path(hp.cohort).expanduser()
+        return synthetic_folder(Path(hp.cache_dir), hp.synthetic)
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        path = self.cohort_path
+        if hp.cohort is None and not (path / "synth.json").exists():
+            from ovcf.synth.cohort import generate_cohort
+
+            print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
+            params = {k: v for k, v in hp.synthetic.items() if k != "num_workers"}
+            generate_cohort(path, num_workers=hp.ingest_workers, progress=hp.progress, **params)
+        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        if not hasattr(self, "cache"):
+            self.prepare_data()
+        index = read_index(self.cache)
+        dev, ext = self._centers(sorted({r["center"] for r in index}))
+        self.centers = {"dev": dev, "external": ext}
+        rows = [r for r in index if r["included"]]
+        dev_rows = [r for r in rows if r["center"] == dev]
+        ext_rows = [r for r in rows if r["center"] == ext]
+        if not dev_rows or not ext_rows:
+            empty = dev if not dev_rows else ext
+            raise ConfigError(f"center '{empty}' has no included rows in {self.cohort_path}; see {self.cache / 'index.csv'}")
+        is_val = train_val_split(
+            [LABELS.index(r["label"]) for r in dev_rows], [r["pseudonym"] for r in dev_rows], hp.val_fraction, hp.seed
+        )
+        parts = {
+            "train": [r for r, v in zip(dev_rows, is_val) if not v],
+            "val": [r for r, v in zip(dev_rows, is_val) if v],
+            "test": ext_rows,
+        }
+        self.datasets = {name: self._dataset(part) for name, part in parts.items()}
+
+    def _centers(self, found: list[str]) -> tuple[str, str]:
+        hp = self.hparams
+        listing = ", ".join(found) or "none"
+        for key, name in (("dev_center", hp.dev_center), ("external_center", hp.external_center)):
+            if name is not None and name not in found:
+                raise ConfigError(f"data.{key}='{name}' is not a center of {self.cohort_path}; centers found: {listing}")
+        dev = hp.dev_center if hp.dev_center is not None else (found[0] if found else None)
+        rest = [c for c in found if c != dev]
+        ext = hp.external_center if hp.external_center is not None else (rest[0] if rest else None)
+        if dev is None or ext is None or dev == ext:
+            raise ConfigError(
+                f"need two different centers (development and external) in {self.cohort_path}; centers found: {listing}; "
+                "set data.dev_center and data.external_center"
+            )
+        return dev, ext
+
+    def _dataset(self, rows: list[dict]) -> VertebraDataset:
+        images, masks, cache = [], [], {}
+        for r in rows:
+            p = r["pseudonym"]
+            if p not in cache:
+                cache[p] = np.load(self.cache / "samples" / f"{p}.npz")
+            images.append(cache[p][f"r{r['row']}_image"])
+            masks.append(cache[p][f"r{r['row']}_mask"])
+        shape = (0, *(self.roi.size,) * 3)
+        return VertebraDataset(
+            rows,
+            np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
+            np.stack(masks) if masks else np.zeros(shape, np.uint8),
+            self.hparams.hu_window,
+        )
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        gen = torch.Generator().manual_seed(hp.seed)
+        return DataLoader(
+            self.datasets[name],
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            generator=gen if shuffle else None,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def summary(self) -> str:
+        """One line per split: rows, patients and labels, for the log."""
+        lines = []
+        for name, ds in self.datasets.items():
+            n_acute = int(ds.labels.sum())
+            patients = len({r["pseudonym"] for r in ds.rows})
+            center = self.centers["external" if name == "test" else "dev"]
+            counts = f"{n_acute} acute, {len(ds) - n_acute} chronic"
+            lines.append(f"{name:>5}: center {center}, {len(ds)} vertebrae of {patients} patients ({counts})")
+        return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Volumes in world coordinates: canonical orientation, mask matching and ROI resampling.
+
+Everything is kept as (array indexed i, j, k; 4x4 affine from voxel index to RAS millimetres), as
+nibabel does, so that CT from DICOM and masks from NIfTI meet only through their affines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovcf.contract import MASK_TOLERANCE_MM
+from ovcf.errors import CohortError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D array and its voxel-to-RAS affine."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def canonical(self) -> Volume:
+        """Same voxels, axes permuted and flipped to the closest RAS orientation."""
+        ornt = nib.orientations.io_orientation(self.affine)
+        if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+            return self
+        array = nib.orientations.apply_orientation(self.array, ornt)
+        affine = self.affine @ nib.orientations.inv_ornt_aff(ornt, self.array.shape)
+        return Volume(np.ascontiguousarray(array), affine)
+
+    def world(self, index: np.ndarray) -> np.ndarray:
+        """RAS millimetres of voxel indices (N x 3)."""
+        return index @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def load_nifti(path) -> Volume:
+    img = nib.load(str(path))
+    return Volume(np.asarray(img.dataobj), img.affine.astype(np.float64))
+
+
+def mask_on_ct(mask: Volume, ct: Volume, name: str) -> np.ndarray:
+    """Returns the label map on the CT's voxel grid, or raises if its voxels are not the CT's.
+
+    Both are brought to canonical orientation first, so a mask stored in any axis order or
+    direction (PIR, LPS, slices reversed ...) matches as long as its voxel centres coincide.
+    """
+    ct = ct.canonical()
+    m = mask.canonical()
+    if m.array.shape != ct.array.shape:
+        raise CohortError(
+            f"mask {name} has shape {m.array.shape} but its CT series has {ct.array.shape} "
+            "(after reorientation): masks must be drawn on the CT's own voxels"
+        )
+    corners = np.array(
+        [[i, j, k] for i in (0, ct.array.shape[0] - 1) for j in (0, ct.array.shape[1] - 1) for k in (0, ct.array.shape[2] - 1)],
+        float,
+    )
+    offset = float(np.max(np.linalg.norm(ct.world(corners) - m.world(corners), axis=1)))
+    if offset > MASK_TOLERANCE_MM:
+        raise CohortError(
+            f"mask {name} does not lie on its CT series' voxels (off by up to {offset:.3f} mm): resample it onto the CT grid"
+        )
+    labels = np.rint(m.array).astype(np.int16)
+    if not np.allclose(labels, m.array):
+        raise CohortError(f"mask {name} holds non-integer labels; it must be a label map")
+    return labels
+
+
+def resample_roi(
+    volume: Volume,
+    centre: np.ndarray,
+    size: int | tuple[int, int, int],
+    spacing: float,
+    mode: str = "bilinear",
+    fill: float = -1024.0,
+) -> np.ndarray:
+    """Samples a cube of `size` voxels of `spacing` mm, axis-aligned in RAS, centred at `centre`.
+
+    Trilinear for images (`bilinear` in torch's 5D naming) or `nearest` for labels; outside the
+    volume it reads `fill` (air for CT).
+    """
+    size = (size,) * 3 if isinstance(size, int) else tuple(size)
+    axes = [(np.arange(n) - (n - 1) / 2) * spacing for n in size]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1) + centre  # RAS mm, (X, Y, Z, 3)
+    index = (grid - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T
+    shape = np.array(volume.array.shape, float)
+    norm = 2 * index / (shape - 1) - 1  # grid_sample wants (x=W, y=H, z=D) = (k, j, i) order
+    norm = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
+    src = torch.from_numpy(np.asarray(volume.array, np.float32) - fill)[None, None]
+    out = F.grid_sample(src, norm, mode=mode, padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy() + fill

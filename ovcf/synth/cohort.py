@@ -1,0 +1,131 @@
+"""Generates a whole synthetic two-center cohort in the cohort format (`ovcf.contract`).
+
+Each patient gets its own random stream derived from (seed, center, index), so a cohort is the
+same bytes whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, REQUIRED_COLUMNS
+from ovcf.parallel import pool_map
+from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
+from ovcf.synth.export import PatientHeader, write_ct_series, write_mask
+from ovcf.synth.phantom import render
+from ovcf.synth.scanner import Scanner, acquire, make_grid
+
+COLUMNS = [*REQUIRED_COLUMNS, "ct_date", "etiology", "ct_series_uid"]
+_FIRST = ["ANNA", "MARIA", "LI", "WEI", "HELGA", "ROSA", "JOHN", "PETER", "YAN", "EVA"]
+_LAST = ["SMITH", "WANG", "MUELLER", "ROSSI", "CHEN", "NOVAK", "GARCIA", "ZHANG", "BROWN", "LEE"]
+_INSTITUTIONS = {0: "Synthetic University Hospital", 1: "Phantom General Hospital"}
+
+
+def _patient(job: dict) -> tuple[list[dict], dict]:
+    """Draws, renders, acquires and writes one patient; returns its CSV rows and ground truth."""
+    cfg, center, c_idx, p_idx = job["cfg"], job["center"], job["center_index"], job["patient_index"]
+    rng = np.random.default_rng([cfg["seed"], c_idx, p_idx])
+    scanner = Scanner(**cfg["centers"][center])
+
+    sex = "F" if rng.random() < 0.75 else "M"
+    age = int(np.clip(round(rng.normal(74, 8)), 55, 95))
+    t_score = round(float(np.clip(rng.normal(-2.9, 0.7), -5.0, -1.0)), 1)
+    vertebrae, visible = draw_spine(rng, tuple(cfg["n_levels"]), t_score)
+
+    lo, hi = cfg["fractures_per_patient"]
+    n_frac = min(int(rng.integers(lo, hi + 1)), len(visible))
+    levels = list(rng.choice(visible, size=n_frac, replace=False))
+    by_name = {v.level: v for v in vertebrae}
+    for level in levels:
+        label = "acute" if rng.random() < cfg["acute_fraction"] else "chronic"
+        by_name[level].fracture = draw_fracture(rng, label, cfg["signs"], cfg["grades"])
+    apply_fracture_heights(vertebrae)
+
+    scanner_rng = np.random.default_rng([cfg["seed"], c_idx, p_idx, 1])
+    grid = make_grid(vertebrae, scanner, scanner_rng)
+    ideal, labels = render(vertebrae, grid, rng, cfg.get("tissues"))
+    hu = acquire(ideal, grid, scanner, scanner_rng)
+
+    patient_id = f"{c_idx + 1}{int(rng.integers(0, 10000)):04d}{p_idx:03d}"
+    ct_date = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
+    birth = ct_date - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
+    header = PatientHeader(
+        patient_id=patient_id,
+        name=f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}",
+        birth_date=birth.strftime("%Y%m%d"),
+        sex=sex,
+        age=age,
+        institution=_INSTITUTIONS.get(c_idx, f"Hospital {center}"),
+        accession=f"ACC{int(rng.integers(10**7, 10**8))}",
+        physician=f"DR^{rng.choice(_LAST)}",
+        study_date=ct_date.strftime("%Y%m%d"),
+        uid_seed=f"{cfg['seed']}-{center}-{p_idx}",
+    )
+    out = Path(job["out"])
+    folder = out / DICOM_DIR / f"{center}_{p_idx:04d}" / "study1" / "series2"
+    write_ct_series(folder, hu, grid, scanner, header)
+    write_mask(out / MASKS_DIR / f"{patient_id}.nii.gz", labels, grid, job["mask_orientation"])
+
+    rows, truth = [], []
+    for level in levels:
+        f = by_name[level].fracture
+        mri = ct_date + dt.timedelta(days=int(rng.integers(0, 12)))
+        rows.append(
+            {
+                "patient_id": patient_id,
+                "center": center,
+                "age": age,
+                "sex": sex,
+                "dxa_t_score": t_score,
+                "mri_date": mri.isoformat(),
+                "level": level,
+                "label": f.label,
+                "ct_date": ct_date.isoformat(),
+                "etiology": "osteoporotic",
+                "ct_series_uid": "",
+            }
+        )
+        truth.append({"patient_id": patient_id, "level": level, **asdict(f)})
+    return rows, {"patient_id": patient_id, "center": center, "visible_levels": visible, "fractures": truth}
+
+
+def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True, **cfg) -> Path:
+    """Writes `clinical.csv`, `dicom/`, `masks/` and `synth.json` (ground truth) into `out`.
+
+    Args:
+        out: folder to create; an existing cohort there is overwritten file by file.
+        num_workers: processes used to render patients (the output does not depend on it).
+        progress: show a progress bar.
+        **cfg: generator parameters, as in ``conf/synthetic/default.yaml``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    centers = list(cfg["centers"])
+    jobs = [
+        {
+            "cfg": cfg,
+            "out": str(out),
+            "center": center,
+            "center_index": c_idx,
+            "patient_index": p_idx,
+            "mask_orientation": cfg.get("mask_orientations", ["LPS"])[c_idx % len(cfg.get("mask_orientations", ["LPS"]))],
+        }
+        for c_idx, center in enumerate(centers)
+        for p_idx in range(cfg["patients_per_center"])
+    ]
+    results = pool_map(_patient, jobs, num_workers, "Generating phantoms", progress)
+
+    with open(out / CLINICAL_CSV, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for rows, _ in results:
+            writer.writerows(rows)
+    truth = {"parameters": cfg, "patients": [t for _, t in results]}
+    (out / "synth.json").write_text(json.dumps(truth, indent=1, default=float))
+    return out

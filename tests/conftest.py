@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny generated cohort, config composition and CLI runs in a sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ovcf.cli import config_dir
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, tmp: Path | None = None):
+    """The composed config, with output folders under `tmp` (no Hydra run is active)."""
+    extra = [f"paths.output_dir={tmp}", f"paths.cache_dir={tmp / 'cache'}"] if tmp is not None else []
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name, overrides=[*(overrides or []), *extra])
+
+
+def synthetic_params(name: str = "default", **override) -> dict:
+    """Generator parameters of `conf/synthetic/<name>.yaml`, with overrides."""
+    cfg = compose_cfg("train", [f"synthetic={name}"])
+    params = OmegaConf.to_container(cfg.synthetic, resolve=True)
+    params.update(override)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """Four patients per center, five levels each; generated once per test session."""
+    from ovcf.synth.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    return generate_cohort(out, num_workers=2, progress=False, **synthetic_params(patients_per_center=4, n_levels=[5, 5]))
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict:
+    """Environment for `python -m ovcf.*` runs: a shared test cache, W&B disabled."""
+    cache = tmp_path_factory.mktemp("cli_cache")
+    return {**os.environ, "WANDB_MODE": "disabled", "OVCF_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,94 @@
+"""Ingest: one sample per included row, cached, robust to a bad patient, no PHI in the cache."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from ovcf.data import ingest as ingest_module
+from ovcf.data.ingest import RoiSpec, ingest, read_index
+
+
+@pytest.fixture
+def cohort_copy(tiny_cohort, tmp_path):
+    dst = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, dst)
+    return dst
+
+
+def _csv_rows(cohort):
+    with open(cohort / "clinical.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_row_becomes_a_sample(tiny_cohort, tmp_path):
+    roi = RoiSpec(size=32, spacing=1.5)
+    cache = ingest(tiny_cohort, tmp_path / "cache", roi, tmp_path / "key", num_workers=1, progress=False)
+    index = read_index(cache)
+    rows = _csv_rows(tiny_cohort)
+    assert [r["row"] for r in index] == list(range(1, len(rows) + 1))
+    assert all(r["included"] for r in index), [r["reasons"] for r in index]
+    for r in index:
+        sample = np.load(cache / "samples" / f"{r['pseudonym']}.npz")
+        image, mask = sample[f"r{r['row']}_image"], sample[f"r{r['row']}_mask"]
+        assert image.shape == mask.shape == (32, 32, 32)
+        assert mask[16, 16, 16] == 1, "the ROI is centred on the fractured body"
+        assert 50 < np.median(image[mask == 1]) < 700  # bone, in HU
+        assert image.min() >= -1100
+
+
+def test_second_run_reads_the_cache_not_dicom(tiny_cohort, tmp_path, monkeypatch):
+    first = ingest(tiny_cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False)
+
+    def no_dicom(*args, **kwargs):
+        raise AssertionError("DICOM decoded although the cache is fresh")
+
+    monkeypatch.setattr(ingest_module, "load_series", no_dicom)
+    monkeypatch.setattr(ingest_module, "read_header", no_dicom)
+    assert ingest(tiny_cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False) == first
+
+
+def test_changed_cohort_is_ingested_again(cohort_copy, tmp_path):
+    roi = RoiSpec(24, 2.0)
+    ingest(cohort_copy, tmp_path / "cache", roi, tmp_path / "key", progress=False)
+    rows = _csv_rows(cohort_copy)
+    rows[0]["age"] = "45"  # now excluded by the protocol (age < 50)
+    with open(cohort_copy / "clinical.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    index = read_index(ingest(cohort_copy, tmp_path / "cache", roi, tmp_path / "key", progress=False))
+    assert index[0]["reasons"] == "age" and not index[0]["included"]
+    assert all(r["included"] for r in index[1:])
+
+
+def test_one_bad_patient_does_not_stop_the_cohort(cohort_copy, tmp_path):
+    rows = _csv_rows(cohort_copy)
+    bad = rows[0]["patient_id"]
+    (cohort_copy / "masks" / f"{bad}.nii.gz").write_bytes(b"this is not a NIfTI file")
+    victim = rows[-1]["patient_id"]
+    for f in (cohort_copy / "dicom").rglob("*.dcm"):
+        if victim in f.read_bytes()[:2000].decode("latin-1"):
+            f.write_bytes(f.read_bytes()[:-1000])  # truncated pixel data
+            break
+    index = read_index(ingest(cohort_copy, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False))
+    by_reason = {}
+    for r, raw in zip(index, rows):
+        by_reason.setdefault(raw["patient_id"], set()).add(r["reasons"])
+    assert by_reason[bad] == {"mask_mismatch"}
+    assert by_reason[victim] in ({"unreadable"}, {"no_ct"})
+    others = [r for r, raw in zip(index, rows) if raw["patient_id"] not in (bad, victim)]
+    assert others and all(r["included"] for r in others)
+
+
+def test_cache_holds_no_patient_identifiers(tiny_cohort, tmp_path):
+    cache = ingest(tiny_cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False)
+    ids = {r["patient_id"] for r in _csv_rows(tiny_cohort)}
+    for path in cache.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            for pid in ids:
+                assert pid.encode() not in blob and pid not in path.name, f"{pid} leaked into {path}"

@@ -1,0 +1,135 @@
+"""The DICOM/NIfTI reader returns the right geometry and HU (checked against SimpleITK)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from ovcf.data.dicom import choose_ct, group_series, list_files, load_series, read_header
+from ovcf.data.volume import LPS_TO_RAS, Volume, load_nifti, mask_on_ct, resample_roi
+from ovcf.errors import CohortError
+
+
+def sitk_volume(files: list[str]) -> Volume:
+    """SimpleITK's reading of a series, as (x, y, z) array + RAS affine."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    img = reader.Execute()
+    aff = np.eye(4)
+    aff[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+    aff[:3, 3] = img.GetOrigin()
+    return Volume(sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32), LPS_TO_RAS @ aff)
+
+
+def series_of(cohort: Path):
+    headers = [h for h in map(read_header, list_files(cohort / "dicom")) if h is not None]
+    return group_series(headers)
+
+
+def test_generated_series_match_simpleitk(tiny_cohort):
+    series = series_of(tiny_cohort)
+    assert len(series) == 8  # 4 patients x 2 centers, one CT series each
+    for s in series:
+        ours = load_series(s).canonical()
+        files = [h.path for h in sorted(s.slices, key=lambda h: float(pydicom.dcmread(h.path).ImagePositionPatient[2]))]
+        ref = sitk_volume(files).canonical()
+        assert ours.array.shape == ref.array.shape
+        np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3)
+        np.testing.assert_allclose(ours.array, ref.array, atol=0.5)
+        first = pydicom.dcmread(s.slices[0].path)
+        np.testing.assert_allclose(ours.spacing[:2], [float(v) for v in first.PixelSpacing], atol=1e-4)
+        assert ours.spacing[2] == pytest.approx(float(first.SpacingBetweenSlices), abs=1e-3)
+
+
+def test_both_scanner_profiles_and_slice_orders_are_read(tiny_cohort):
+    by_center = {}
+    for s in series_of(tiny_cohort):
+        ds = pydicom.dcmread(s.slices[0].path, stop_before_pixels=True)
+        by_center.setdefault(ds.PatientPosition, []).append(load_series(s))
+    assert set(by_center) == {"HFS", "FFS"}  # head-first and feet-first exports
+    spacings = {tuple(np.round(v.canonical().spacing, 2)) for vols in by_center.values() for v in vols}
+    assert spacings == {(0.8, 0.8, 1.0), (1.0, 1.0, 1.5)}
+
+
+def test_masks_land_on_vertebral_bodies(tiny_cohort):
+    """Masks stored LPS (center A) and RAS (center B) both land on bone after world matching."""
+    orientations = set()
+    for s in series_of(tiny_cohort):
+        ct = load_series(s).canonical()
+        path = tiny_cohort / "masks" / f"{s.patient_id}.nii.gz"
+        orientations.add(nib.aff2axcodes(nib.load(path).affine))
+        labels = mask_on_ct(load_nifti(path), ct, path.name)
+        levels = [v for v in np.unique(labels) if v]
+        assert len(levels) >= 5
+        shift = int(round(40 / ct.spacing[1]))  # 40 mm anterior of a body: soft tissue, not bone
+        for level in levels:
+            body = ct.array[labels == level]
+            anterior = ct.array[np.roll(labels == level, shift, axis=1)]
+            ml = (labels == level).sum() * np.prod(ct.spacing) / 1000
+            assert np.median(body) > 60 and np.median(body) > np.median(anterior) + 60, "mask voxels must sit on bone"
+            assert 3 < ml < 60
+    assert orientations == {("L", "P", "S"), ("R", "A", "S")}
+
+
+def test_mask_off_the_ct_grid_is_a_named_error(tiny_cohort):
+    s = series_of(tiny_cohort)[0]
+    ct = load_series(s)
+    mask = load_nifti(tiny_cohort / "masks" / f"{s.patient_id}.nii.gz")
+    shifted = Volume(mask.array, mask.affine.copy())
+    shifted.affine[0, 3] += 0.5
+    with pytest.raises(CohortError, match="does not lie on its CT series' voxels"):
+        mask_on_ct(shifted, ct, "p.nii.gz")
+    cropped = Volume(mask.array[1:], mask.affine)
+    with pytest.raises(CohortError, match="has shape"):
+        mask_on_ct(cropped, ct, "p.nii.gz")
+
+
+def test_pydicom_ct_small_matches_simpleitk():
+    path = get_testdata_file("CT_small.dcm")
+    header = read_header(path)
+    series = group_series([header])
+    vol = load_series(series[0])
+    ref = sitk_volume([path])
+    assert vol.array.shape == (128, 128, 1)
+    np.testing.assert_allclose(vol.spacing[:2], [0.661468, 0.661468], atol=1e-6)
+    np.testing.assert_allclose(vol.affine[:3, 3], ref.affine[:3, 3], atol=1e-4)
+    np.testing.assert_allclose(vol.affine[:3, :2], ref.affine[:3, :2], atol=1e-5)
+    np.testing.assert_allclose(vol.array, ref.array, atol=0.5)
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(vol.array[:, :, 0], hu.T)
+
+
+def test_choose_ct_prefers_named_then_most_slices(tiny_cohort):
+    everything = series_of(tiny_cohort)
+    series = [s for s in everything if s.patient_id == everything[0].patient_id]
+    assert choose_ct(series) is series[0]
+    assert choose_ct(series, "1.2.3.does.not.exist") is None
+    assert choose_ct(series, series[0].series_uid) is series[0]
+
+
+def test_non_dicom_files_are_skipped(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a dicom file")
+    (tmp_path / "empty").write_bytes(b"")
+    assert read_header(str(tmp_path / "notes.txt")) is None
+    assert read_header(str(tmp_path / "empty")) is None
+
+
+def test_roi_resampling_reads_world_coordinates():
+    """A volume whose value is its RAS x coordinate: the ROI must hold the x of its own voxels."""
+    affine = np.array([[-0.7, 0, 0, 40.0], [0, 0.9, 0, -20.0], [0, 0, 2.0, 100.0], [0, 0, 0, 1]])
+    i = np.arange(60)[:, None, None] * np.ones((60, 40))
+    vol = Volume((-0.7 * i + 40.0).astype(np.float32), affine)
+    centre = np.array([20.0, 0.0, 130.0])
+    roi = resample_roi(vol, centre, 9, 1.5)
+    expected_x = centre[0] + (np.arange(9) - 4) * 1.5
+    np.testing.assert_allclose(roi[:, 4, 4], expected_x, atol=1e-3)
+    np.testing.assert_allclose(roi[4], 20.0, atol=1e-3)  # constant across y and z
+    far = resample_roi(vol, np.array([500.0, 0, 0]), 4, 1.0)
+    assert np.all(far == -1024.0)  # outside the scan: air

@@ -1,0 +1,79 @@
+"""Splits are by patient; the external center is only ever the test set; same seed, same split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import synthetic_params
+
+from ovcf.data import CohortDataModule
+from ovcf.data.splits import patient_folds
+from ovcf.errors import ConfigError
+
+
+def test_folds_never_split_a_patient():
+    rng = np.random.default_rng(0)
+    groups = [f"p{i}" for i in rng.integers(0, 40, 120)]
+    labels = list(rng.integers(0, 2, 120))
+    folds = patient_folds(labels, groups, 5, seed=3)
+    for g in set(groups):
+        assert len({f for f, gg in zip(folds, groups) if gg == g}) == 1
+    assert sorted(set(folds)) == [0, 1, 2, 3, 4]
+    assert np.array_equal(folds, patient_folds(labels, groups, 5, seed=3))
+    shuffled = rng.permutation(len(groups))
+    again = patient_folds([labels[i] for i in shuffled], [groups[i] for i in shuffled], 5, seed=3)
+    assert np.array_equal(again, folds[shuffled]), "folds depend on the data, not on row order"
+
+
+def _datamodule(cohort, tmp_path, seed=0):
+    dm = CohortDataModule(
+        cohort=str(cohort),
+        cache_dir=str(tmp_path / "cache"),
+        key_file=str(tmp_path / "key"),
+        val_fraction=0.25,
+        seed=seed,
+        roi_size=24,
+        roi_spacing=2.0,
+        ingest_workers=1,
+        progress=False,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_external_center_is_only_the_test_set(tiny_cohort, tmp_path):
+    dm = _datamodule(tiny_cohort, tmp_path)
+    assert dm.centers == {"dev": "A", "external": "B"}
+    assert {r["center"] for r in dm.datasets["train"].rows} == {"A"}
+    assert {r["center"] for r in dm.datasets["val"].rows} == {"A"}
+    assert {r["center"] for r in dm.datasets["test"].rows} == {"B"}
+    patients = {name: {r["pseudonym"] for r in ds.rows} for name, ds in dm.datasets.items()}
+    assert not patients["train"] & patients["val"]
+    assert not (patients["train"] | patients["val"]) & patients["test"]
+    n_rows = sum(len(ds) for ds in dm.datasets.values())
+    assert n_rows == sum(1 for _ in open(tiny_cohort / "clinical.csv")) - 1
+
+
+def test_same_seed_same_split(tiny_cohort, tmp_path):
+    a = _datamodule(tiny_cohort, tmp_path, seed=1)
+    b = _datamodule(tiny_cohort, tmp_path, seed=1)
+    assert [r["row"] for r in a.datasets["val"].rows] == [r["row"] for r in b.datasets["val"].rows]
+    assert all(np.array_equal(a.datasets[k].images, b.datasets[k].images) for k in a.datasets)
+
+
+def test_centers_can_be_swapped_and_a_wrong_name_lists_the_centers(tiny_cohort, tmp_path):
+    common = dict(cohort=str(tiny_cohort), cache_dir=str(tmp_path / "c"), key_file=str(tmp_path / "k"), roi_size=24)
+    dm = CohortDataModule(dev_center="B", val_fraction=0.5, roi_spacing=2.0, progress=False, **common)
+    dm.setup()
+    assert dm.centers == {"dev": "B", "external": "A"}
+    assert {r["center"] for r in dm.datasets["test"].rows} == {"A"}
+    with pytest.raises(ConfigError, match="centers found: A, B"):
+        CohortDataModule(dev_center="CQMU", **common)  # fails before any ingest
+    with pytest.raises(ConfigError, match="need two different centers"):
+        CohortDataModule(dev_center="A", external_center="A", **common)
+
+
+def test_synthetic_default_needs_no_cohort_path(tmp_path):
+    dm = CohortDataModule(synthetic=synthetic_params(), cache_dir=str(tmp_path))
+    assert dm.cohort_path.parent == tmp_path / "synthetic"

@@ -28,4 +28,4 @@ lint: setup
 	$(BIN)/ruff format --check ovcf tests
 
 clean:
-	rm -rf $(VENV) .cache logs
+	rm -rf $(VENV) .cache logs data/synthetic

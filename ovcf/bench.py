@@ -1,7 +1,8 @@
 """`python -m ovcf.bench` (`make bench`): training throughput of the pipeline vs a bare PyTorch loop.
 
-Both train the same network on the same in-memory tensors with the same batch size and
-optimizer; the ratio is what Lightning, the DataModule and the metrics cost per sample.
+Both train the same network on the same in-memory tensors (the default cohort's training set,
+generated on first use) with the same batch size and optimizer; the ratio is what Lightning,
+the DataModule and the metrics cost per sample.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from ovcf.models import create_model
 from ovcf.tasks import ClassificationTask
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class _StepTimer(L.Callback):
     """Times training steps after `warmup` steps."""
 
@@ -28,6 +34,7 @@ class _StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
+            _sync()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -35,10 +42,11 @@ class _StepTimer(L.Callback):
             self.samples += len(batch["label"])
 
     def on_train_end(self, trainer, module):
+        _sync()
         self.seconds = time.perf_counter() - self.start
 
 
-def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int) -> float:
+def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
     L.seed_everything(0)
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
@@ -49,16 +57,20 @@ def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: i
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
     )
     trainer.fit(ClassificationTask(model_name, kwargs), datamodule=dm)
     return timer.samples / timer.seconds
 
 
-def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int) -> float:
+def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
     torch.manual_seed(0)
-    net = create_model(model_name, **kwargs)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    net = create_model(model_name, **kwargs).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     ds = dm.datasets["train"]
     bs = dm.hparams.batch_size
@@ -67,15 +79,18 @@ def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, 
     samples, start = 0, None
     for step in range(steps + warmup):
         if step == warmup:
+            _sync()
             start = time.perf_counter()
         idx = torch.randint(0, n, (bs,))
-        x, y = ds.images[idx], ds.labels[idx]
-        loss = loss_fn(net(x).reshape(-1), y)
+        x, y = ds.images[idx].to(device), ds.labels[idx].to(device)  # the loader's copy, as Lightning does
+        with autocast:
+            loss = loss_fn(net(x).reshape(-1).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if start is not None:
             samples += bs
+    _sync()
     return samples / (time.perf_counter() - start)
 
 
@@ -85,10 +100,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
+    parser.add_argument("--smoke", action="store_true", help="use the tiny debug cohort instead of the default one")
+    parser.add_argument("--augment", action="store_true", help="keep the training augmentation (the bare loop has none)")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
-            "train", overrides=[f"model={args.model}", "debug=smoke", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+            "train",
+            overrides=[f"model={args.model}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+            + (["debug=smoke"] if args.smoke else []),
         )
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("_target_"), data.pop("_convert_")
@@ -96,9 +117,11 @@ def main() -> None:
     dm.prepare_data()
     dm.setup("fit")
     kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
-    pipeline = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup)
-    bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup)
-    print(f"model {args.model}, batch {args.batch_size}, {args.steps} timed steps on {torch.get_num_threads()} CPU threads")
+    pipeline = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+    bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
+    augment = "with" if args.augment else "without"
+    print(f"model {args.model}, batch {args.batch_size}, {args.precision}, {augment} augmentation, {args.steps} steps on {where}")
     print(f"  pipeline (Lightning + DataModule + metrics): {pipeline:8.1f} samples/s")
     print(f"  bare PyTorch loop, same model and tensors:   {bare:8.1f} samples/s")
     print(f"  ratio pipeline / bare: {pipeline / bare:.3f}  (overhead {100 * (1 - pipeline / bare):+.1f}%)")

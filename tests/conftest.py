@@ -18,7 +18,7 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, tmp: Path | None = None):
     """The composed config, with output folders under `tmp` (no Hydra run is active)."""
-    extra = [f"paths.output_dir={tmp}", f"paths.cache_dir={tmp / 'cache'}"] if tmp is not None else []
+    extra = [f"paths.output_dir={tmp}", f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name, overrides=[*(overrides or []), *extra])
 
@@ -43,8 +43,14 @@ def tiny_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory) -> dict:
     """Environment for `python -m ovcf.*` runs: a shared test cache, W&B disabled."""
-    cache = tmp_path_factory.mktemp("cli_cache")
-    return {**os.environ, "WANDB_MODE": "disabled", "OVCF_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    root = tmp_path_factory.mktemp("cli")
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "OVCF_CACHE_DIR": str(root / "cache"),
+        "OVCF_DATA_DIR": str(root / "data"),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

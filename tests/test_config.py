@@ -14,7 +14,7 @@ from ovcf.cli import config_dir
 from ovcf.data import CohortDataModule
 from ovcf.tasks import ClassificationTask
 
-GROUPS = ["data", "synthetic", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
+GROUPS = ["data", "data/augment", "synthetic", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
 
 
 def _options(group: str) -> list[str]:

@@ -101,3 +101,18 @@ def test_grade_sets_the_height_loss(grade, low, high):
     h0 = (before[3, 1] == lid).sum()
     h1 = (after[3, 1] == lid).sum()
     assert low < 1 - h1 / h0 < high
+
+
+def test_synth_command_writes_a_cohort(cli_env, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "cohort"
+    args = [f"out={out}", "patients_per_center=1", "n_levels=[5,5]", "seed=3", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli("ovcf.synth", args, cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert str(out) in proc.stdout
+    with open(out / "clinical.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["center"] for r in rows} == {"A", "B"}
+    assert len(list((out / "masks").glob("*.nii.gz"))) == 2
+    assert len(list((out / "dicom").rglob("*.dcm"))) > 100

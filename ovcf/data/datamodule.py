@@ -2,7 +2,7 @@
 
 The external center is read only for `test` (and `predict`); it never enters training or model
 selection. Without `cohort`, the synthetic cohort described by `synthetic` is generated once into
-the cache and reused.
+`data_dir` and reused.
 """
 
 from __future__ import annotations
@@ -23,12 +23,27 @@ from ovcf.data.splits import train_val_split
 from ovcf.errors import ConfigError
 
 
+def build_augment(spec: dict | None):
+    """A torchio pipeline from `{TransformName: kwargs}`, or None when empty."""
+    if not spec:
+        return None
+    import torchio as tio
+
+    transforms = []
+    for name, kwargs in spec.items():
+        factory = getattr(tio, name, None)
+        if factory is None or not isinstance(factory, type) or not issubclass(factory, tio.Transform):
+            raise ConfigError(f"data.augment.{name} is not a torchio transform (e.g. RandomFlip, RandomAffine, RandomNoise)")
+        transforms.append(factory(**(kwargs or {})))
+    return tio.Compose(transforms)
+
+
 class VertebraDataset(Dataset):
     """In-memory ROIs of fractured vertebrae with their label and clinical features."""
 
-    def __init__(self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window):
+    def __init__(self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window, transform=None):
         lo, hi = hu_window
-        self.rows = rows
+        self.rows, self.transform = rows, transform
         self.images = torch.from_numpy((np.clip(images, lo, hi) - lo) / (hi - lo)).float().unsqueeze(1)
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
@@ -39,9 +54,15 @@ class VertebraDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.rows[i]
+        image, mask = self.images[i], self.masks[i]
+        if self.transform is not None:
+            import torchio as tio
+
+            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=image), mask=tio.LabelMap(tensor=mask)))
+            image, mask = subject["image"].data.float(), subject["mask"].data
         return {
-            "image": self.images[i],
-            "mask": self.masks[i],
+            "image": image,
+            "mask": mask,
             "label": self.labels[i],
             "clinical": self.clinical[i],
             "id": f"{r['pseudonym']}:{r['level']}",
@@ -56,11 +77,14 @@ def clinical_features(row: dict) -> list[float]:
     return [(age - 70.0) / 10.0, 1.0 if row["sex"] == "F" else -1.0, (t + 2.5) / 1.5]
 
 
-def synthetic_folder(cache_dir: Path, params: dict) -> Path:
-    """Cache folder named by the generator parameters (worker count excluded)."""
+def synthetic_folder(data_dir: Path, params: dict) -> Path:
+    """Folder of a generated cohort, named by the generator's version and parameters."""
+    from ovcf.synth import GENERATOR_VERSION
+
     params = {k: v for k, v in params.items() if k not in ("num_workers", "progress")}
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
+    key = json.dumps([GENERATOR_VERSION, params], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(data_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
 
 
 class CohortDataModule(L.LightningDataModule):
@@ -69,7 +93,8 @@ class CohortDataModule(L.LightningDataModule):
     Args:
         cohort: folder with clinical.csv, dicom/ and optional masks/; None uses `synthetic`.
         synthetic: parameters of `ovcf.synth.generate_cohort` for the built-in cohort.
-        cache_dir: where generated cohorts and preprocessed samples are kept.
+        data_dir: where the synthetic cohort is generated (it holds fake PHI, like a real export).
+        cache_dir: where preprocessed, pseudonymised samples are kept.
         key_file: pseudonym key file (see `ovcf.data.pseudonym`).
         dev_center: center used for train/val; None takes the first center name in sorted order.
         external_center: center used only for test; None takes the second.
@@ -78,12 +103,14 @@ class CohortDataModule(L.LightningDataModule):
         roi_size: voxels per side of the cube cropped around each fractured body.
         roi_spacing: its isotropic spacing in mm.
         hu_window: HU range mapped to [0, 1].
+        augment: torchio transforms for training samples, `{TransformName: kwargs}`.
     """
 
     def __init__(
         self,
         cohort: str | None = None,
         synthetic: dict | None = None,
+        data_dir: str = "data",
         cache_dir: str = ".cache/ovcf",
         key_file: str = "~/.cache/ovcf/pseudonym.key",
         dev_center: str | None = None,
@@ -93,6 +120,7 @@ class CohortDataModule(L.LightningDataModule):
         roi_size: int = 48,
         roi_spacing: float = 1.25,
         hu_window: tuple[float, float] = (-250.0, 1250.0),
+        augment: dict | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         ingest_workers: int = 2,
@@ -107,6 +135,7 @@ class CohortDataModule(L.LightningDataModule):
             synthetic = OmegaConf.to_container(synthetic, resolve=True)
         self.save_hyperparameters(logger=False)
         self.roi = RoiSpec(int(roi_size), float(roi_spacing))
+        self.augment = build_augment(augment)
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
         if cohort is not None:
@@ -121,7 +150,7 @@ class CohortDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.cohort is not None:
             return Path(hp.cohort).expanduser()
-        return synthetic_folder(Path(hp.cache_dir), hp.synthetic)
+        return synthetic_folder(Path(hp.data_dir), hp.synthetic)
 
     def prepare_data(self) -> None:
         hp = self.hparams
@@ -157,7 +186,7 @@ class CohortDataModule(L.LightningDataModule):
             "val": [r for r, v in zip(dev_rows, is_val) if v],
             "test": ext_rows,
         }
-        self.datasets = {name: self._dataset(part) for name, part in parts.items()}
+        self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
 
     def _centers(self, found: list[str]) -> tuple[str, str]:
         hp = self.hparams
@@ -175,7 +204,7 @@ class CohortDataModule(L.LightningDataModule):
             )
         return dev, ext
 
-    def _dataset(self, rows: list[dict]) -> VertebraDataset:
+    def _dataset(self, rows: list[dict], transform=None) -> VertebraDataset:
         images, masks, cache = [], [], {}
         for r in rows:
             p = r["pseudonym"]
@@ -189,6 +218,7 @@ class CohortDataModule(L.LightningDataModule):
             np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
             np.stack(masks) if masks else np.zeros(shape, np.uint8),
             self.hparams.hu_window,
+            transform,
         )
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -200,6 +230,8 @@ class CohortDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=hp.num_workers,
             generator=gen if shuffle else None,
+            # a last training batch of a single sample breaks batch norm: drop it
+            drop_last=shuffle and len(self.datasets[name]) % hp.batch_size == 1,
             persistent_workers=hp.num_workers > 0,
         )
 

@@ -27,7 +27,7 @@ from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi
 from ovcf.errors import CohortError
 from ovcf.parallel import pool_map
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INDEX_COLUMNS = ["row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "note"]
 
 

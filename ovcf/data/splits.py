@@ -12,24 +12,24 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from ovcf.errors import CohortError
 
 
-def patient_folds(labels: list[int], groups: list[str], n_folds: int, seed: int) -> list[np.ndarray]:
+def patient_folds(labels: list[int], groups: list[str], n_folds: int, seed: int) -> np.ndarray:
     """Fold number per row for `n_folds` folds, stratified by label and grouped by patient.
 
-    Rows are first ordered by (patient, label) so that the result depends only on the data and
-    the seed, not on the order of the CSV.
+    Patients are numbered in order of first appearance, so the folds depend on the rows and the
+    seed but not on the pseudonym key (another key, same folds).
     """
-    n_patients = len(set(groups))
-    if n_patients < n_folds:
-        raise CohortError(f"the development center has {n_patients} patient(s); at least {n_folds} are needed to split it")
-    order = np.lexsort((np.asarray(labels), np.asarray(groups)))
-    if np.bincount(np.asarray(labels, int)).min(initial=len(labels)) >= n_folds:
+    first: dict[str, int] = {}
+    ids = np.array([first.setdefault(g, len(first)) for g in groups])
+    if len(first) < n_folds:
+        raise CohortError(f"the development center has {len(first)} patient(s); at least {n_folds} are needed to split it")
+    y = np.asarray(labels, int)
+    if np.bincount(y).min(initial=len(labels)) >= n_folds:
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     else:  # too few rows of a label to stratify (tiny cohorts): grouped only
         splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    fold = np.empty(len(labels), int)
-    y, g = np.asarray(labels)[order], np.asarray(groups)[order]
-    for f, (_, val) in enumerate(splitter.split(np.zeros(len(order)), y, g)):
-        fold[order[val]] = f
+    fold = np.empty(len(y), int)
+    for f, (_, val) in enumerate(splitter.split(np.zeros(len(y)), y, ids)):
+        fold[val] = f
     return fold
 
 

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ovcf.contract import MASK_TOLERANCE_MM
 from ovcf.errors import CohortError
@@ -88,15 +89,30 @@ def resample_roi(
     """Samples a cube of `size` voxels of `spacing` mm, axis-aligned in RAS, centred at `centre`.
 
     Trilinear for images (`bilinear` in torch's 5D naming) or `nearest` for labels; outside the
-    volume it reads `fill` (air for CT).
+    volume it reads `fill` (air for CT). Images are low-pass filtered first along every axis whose
+    voxels are finer than `spacing`, so that a thin-slice scanner's noise does not alias into the
+    ROI: scanners of different resolution then yield ROIs of the same resolution.
     """
     size = (size,) * 3 if isinstance(size, int) else tuple(size)
     axes = [(np.arange(n) - (n - 1) / 2) * spacing for n in size]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1) + centre  # RAS mm, (X, Y, Z, 3)
     index = (grid - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T
-    shape = np.array(volume.array.shape, float)
-    norm = 2 * index / (shape - 1) - 1  # grid_sample wants (x=W, y=H, z=D) = (k, j, i) order
+    array = np.asarray(volume.array, np.float32)
+    if mode != "nearest":
+        # Crop to the ROI's bounding box (plus filter margin) before filtering: far cheaper.
+        sigma = np.sqrt(np.maximum(spacing**2 - volume.spacing**2, 0.0)) / 2.355 / volume.spacing
+        lo = np.floor(index.reshape(-1, 3).min(0) - 3 * sigma - 1).astype(int)
+        hi = np.ceil(index.reshape(-1, 3).max(0) + 3 * sigma + 2).astype(int)
+        lo, hi = np.clip(lo, 0, array.shape), np.clip(hi, 0, array.shape)
+        if np.any(hi - lo < 2):
+            return np.full(size, fill, np.float32)
+        array = array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        index = index - lo
+        if np.any(sigma > 0.1):
+            array = ndimage.gaussian_filter(array, sigma, mode="nearest")
+    shape = np.array(array.shape, float)
+    norm = 2 * index / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=W, y=H, z=D) = (k, j, i) order
     norm = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
-    src = torch.from_numpy(np.asarray(volume.array, np.float32) - fill)[None, None]
+    src = torch.from_numpy(array - fill)[None, None]
     out = F.grid_sample(src, norm, mode=mode, padding_mode="zeros", align_corners=True)
     return out[0, 0].numpy() + fill

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ovcf.contract import LEVEL_IDS
-from ovcf.synth.anatomy import CRUSH_WALL_SHARE, Vertebra
+from ovcf.synth.anatomy import CRUSH_WALL_SHARE, SPINE, Vertebra
 
 DEFAULT_TISSUES = {
     "air": -1000.0,
@@ -120,8 +120,6 @@ def _background(c: _Canvas, vertebrae: list[Vertebra]) -> None:
 
 
 def _spine_pos(level: str) -> float:
-    from ovcf.synth.anatomy import SPINE
-
     return float(SPINE.index(level) - SPINE.index("T9"))
 
 
@@ -301,10 +299,8 @@ def _body(c: _Canvas, vert: Vertebra) -> None:
 
     if "osteophytes" in signs:  # small spurs at the anterior endplate rims, outside the body mask
         size = signs["osteophytes"]["size_mm"]
-        for wo in (
-            np.mean(bot[vn < -0.8]) if np.any(vn < -0.8) else 0.0,
-            np.mean(top[vn < -0.8]) if np.any(vn < -0.8) else vert.h_mid,
-        ):
+        rim = vn < -0.8
+        for wo in (bot[rim].mean(), top[rim].mean()) if rim.any() else (0.0, vert.h_mid):
             e = (u / (1.8 * size)) ** 2 + ((v + vert.b + size * 0.3) / size) ** 2 + ((w - wo) / (0.8 * size)) ** 2
             spur = _soft((1 - np.sqrt(e)) * size, c.eps) * (sd <= 0)
             c.blend(sl, spur, t["cortical"] - 200.0)

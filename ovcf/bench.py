@@ -109,7 +109,8 @@ def main() -> None:
         cfg = compose(
             "train",
             overrides=[f"model={args.model}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
-            + (["debug=smoke"] if args.smoke else []),
+            + (["debug=smoke"] if args.smoke else [])
+            + ([] if args.augment else ["data/augment=none"]),
         )
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("_target_"), data.pop("_convert_")

@@ -133,3 +133,24 @@ def test_roi_resampling_reads_world_coordinates():
     np.testing.assert_allclose(roi[4], 20.0, atol=1e-3)  # constant across y and z
     far = resample_roi(vol, np.array([500.0, 0, 0]), 4, 1.0)
     assert np.all(far == -1024.0)  # outside the scan: air
+
+
+def test_real_ge_ct_with_padding_matches_simpleitk():
+    """A real 3-slice GE CT (dcmqi): geometry as SimpleITK reads it; padding (-2000) becomes air."""
+    from conftest import REAL
+
+    folder = REAL / "dcmqi" / "ct-3slice"
+    if not folder.is_dir():
+        pytest.skip(f"real test data not found at {folder} (../shared/data/real beside the project)")
+    headers = [read_header(str(p)) for p in sorted(folder.glob("*.dcm"))]
+    (series,) = group_series(headers)
+    ours = load_series(series)
+    ref = sitk_volume(sorted(str(p) for p in folder.glob("*.dcm")))
+    assert ours.array.shape == (512, 512, 3)
+    np.testing.assert_allclose(ours.spacing, [0.810547, 0.810547, 1.0], atol=1e-5)
+    ours_c, ref_c = ours.canonical(), ref.canonical()
+    np.testing.assert_allclose(ours_c.affine, ref_c.affine, atol=1e-3)
+    padded = ref_c.array <= -3000  # stored -2000 with intercept -1024
+    assert padded.sum() > 1000
+    assert np.all(ours_c.array[padded] == -1024.0)
+    np.testing.assert_allclose(ours_c.array[~padded], ref_c.array[~padded], atol=0.5)

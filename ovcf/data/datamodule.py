@@ -34,8 +34,8 @@ def build_augment(spec: dict | None):
         factory = getattr(tio, name, None)
         if factory is None or not isinstance(factory, type) or not issubclass(factory, tio.Transform):
             raise ConfigError(f"data.augment.{name} is not a torchio transform (e.g. RandomFlip, RandomAffine, RandomNoise)")
-        transforms.append(factory(**(kwargs or {})))
-    return tio.Compose(transforms)
+        transforms.append(factory(**{"copy": False, **(kwargs or {})}))
+    return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
 
 
 class VertebraDataset(Dataset):
@@ -58,7 +58,9 @@ class VertebraDataset(Dataset):
         if self.transform is not None:
             import torchio as tio
 
-            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=image), mask=tio.LabelMap(tensor=mask)))
+            # Clones: a view would drag the whole dataset's storage through torchio's copies.
+            subject = tio.Subject(image=tio.ScalarImage(tensor=image.clone()), mask=tio.LabelMap(tensor=mask.clone()))
+            subject = self.transform(subject)
             image, mask = subject["image"].data.float(), subject["mask"].data
         return {
             "image": image,

@@ -155,6 +155,8 @@ class CohortDataModule(L.LightningDataModule):
         return synthetic_folder(Path(hp.data_dir), hp.synthetic)
 
     def prepare_data(self) -> None:
+        if getattr(self, "cache", None) is not None:
+            return  # Lightning calls this before fit, validate and test: check the files once
         hp = self.hparams
         path = self.cohort_path
         if hp.cohort is None and not (path / "synth.json").exists():
@@ -169,8 +171,7 @@ class CohortDataModule(L.LightningDataModule):
         if self.datasets:
             return
         hp = self.hparams
-        if not hasattr(self, "cache"):
-            self.prepare_data()
+        self.prepare_data()
         index = read_index(self.cache)
         dev, ext = self._centers(sorted({r["center"] for r in index}))
         self.centers = {"dev": dev, "external": ext}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
@@ -112,9 +113,7 @@ def main() -> None:
             + (["debug=smoke"] if args.smoke else [])
             + ([] if args.augment else ["data/augment=none"]),
         )
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.pop("_target_"), data.pop("_convert_")
-    dm = CohortDataModule(**data)
+    dm: CohortDataModule = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)

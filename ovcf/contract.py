@@ -21,7 +21,6 @@ LEVEL_IDS = {
     **{f"L{i}": 19 + i for i in range(1, 7)},
     "T13": 28,
 }
-LEVEL_NAMES = {v: k for k, v in LEVEL_IDS.items()}
 
 # Inclusion criteria of the protocol.
 MIN_AGE = 50

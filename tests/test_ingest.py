@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ovcf.contract import DATA_PROBLEM_CODES, EXCLUSION_CODES
 from ovcf.data import ingest as ingest_module
 from ovcf.data.ingest import RoiSpec, ingest, read_index
 
@@ -78,6 +79,7 @@ def test_one_bad_patient_does_not_stop_the_cohort(cohort_copy, tmp_path):
     by_reason = {}
     for r, raw in zip(index, rows):
         by_reason.setdefault(raw["patient_id"], set()).add(r["reasons"])
+    assert {r["reasons"] for r in index} <= {"", *EXCLUSION_CODES, *DATA_PROBLEM_CODES}, "reasons are contract codes"
     assert by_reason[bad] == {"mask_mismatch"}
     assert by_reason[victim] in ({"unreadable"}, {"no_ct"})
     others = [r for r, raw in zip(index, rows) if raw["patient_id"] not in (bad, victim)]

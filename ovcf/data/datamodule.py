@@ -173,8 +173,7 @@ class CohortDataModule(L.LightningDataModule):
         hp = self.hparams
         self.prepare_data()
         index = read_index(self.cache)
-        dev, ext = self._centers(sorted({r["center"] for r in index}))
-        self.centers = {"dev": dev, "external": ext}
+        dev, ext = self.centers["dev"], self.centers["external"]  # resolved and checked in __init__
         rows = [r for r in index if r["included"]]
         dev_rows = [r for r in rows if r["center"] == dev]
         ext_rows = [r for r in rows if r["center"] == ext]

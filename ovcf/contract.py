@@ -22,6 +22,9 @@ LEVEL_IDS = {
     "T13": 28,
 }
 
+# Cranio-caudal order of the levels; T13 (when present) sits between T12 and L1.
+LEVEL_ORDER = [*(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 14)), *(f"L{i}" for i in range(1, 7))]
+
 # Inclusion criteria of the protocol.
 MIN_AGE = 50
 MAX_CT_MRI_DAYS = 14

@@ -8,8 +8,9 @@ use N cores.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 from ovcf.progress import track
 
@@ -26,11 +27,30 @@ def _one_thread() -> None:
         pass
 
 
-def pool_map(fn: Callable, jobs: Iterable, num_workers: int, description: str, progress: bool = True) -> list:
-    """`[fn(job) for job in jobs]` in order, on `num_workers` processes when more than one."""
+@contextmanager
+def worker_pool(num_workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool to share between several `pool_map` calls (workers start once), or None for one worker."""
+    if num_workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_one_thread) as pool:
+        yield pool
+
+
+def pool_map(
+    fn: Callable,
+    jobs: Iterable,
+    num_workers: int,
+    description: str,
+    progress: bool = True,
+    pool: ProcessPoolExecutor | None = None,
+) -> list:
+    """`[fn(job) for job in jobs]` in order, on `num_workers` processes (or `pool`) when more than one."""
     jobs = list(jobs)
+    if pool is not None:
+        return list(track(pool.map(fn, jobs), len(jobs), description, progress))
     if num_workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context, initializer=_one_thread) as pool:
+        with worker_pool(min(num_workers, len(jobs))) as pool:
             return list(track(pool.map(fn, jobs), len(jobs), description, progress))
     return list(track(map(fn, jobs), len(jobs), description, progress))

@@ -27,6 +27,7 @@ def synthetic_params(name: str = "default", **override) -> dict:
     """Generator parameters of `conf/synthetic/<name>.yaml`, with overrides."""
     cfg = compose_cfg("train", [f"synthetic={name}"])
     params = OmegaConf.to_container(cfg.synthetic, resolve=True)
+    params["plant"] = None  # tests plant problems where they check them
     params.update(override)
     return params
 

@@ -62,7 +62,7 @@ def test_changed_cohort_is_ingested_again(cohort_copy, tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     index = read_index(ingest(cohort_copy, tmp_path / "cache", roi, tmp_path / "key", progress=False))
-    assert index[0]["reasons"] == "age" and not index[0]["included"]
+    assert index[0]["reasons"] == ["age"] and not index[0]["included"]
     assert all(r["included"] for r in index[1:])
 
 
@@ -78,8 +78,8 @@ def test_one_bad_patient_does_not_stop_the_cohort(cohort_copy, tmp_path):
     index = read_index(ingest(cohort_copy, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False))
     by_reason = {}
     for r, raw in zip(index, rows):
-        by_reason.setdefault(raw["patient_id"], set()).add(r["reasons"])
-    assert {r["reasons"] for r in index} <= {"", *EXCLUSION_CODES, *DATA_PROBLEM_CODES}, "reasons are contract codes"
+        by_reason.setdefault(raw["patient_id"], set()).add(";".join(r["reasons"]))
+    assert {x for r in index for x in r["reasons"]} <= {*EXCLUSION_CODES, *DATA_PROBLEM_CODES}, "reasons are contract codes"
     assert by_reason[bad] == {"mask_mismatch"}
     assert by_reason[victim] in ({"unreadable"}, {"no_ct"})
     others = [r for r, raw in zip(index, rows) if raw["patient_id"] not in (bad, victim)]

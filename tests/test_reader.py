@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from ovcf.data.dicom import choose_ct, group_series, list_files, load_series, read_header
+from ovcf.data.dicom import list_files, read_header
+from ovcf.data.series import SeriesChecks, choose_ct, group_series, load_series
 from ovcf.data.volume import LPS_TO_RAS, Volume, load_nifti, mask_on_ct, resample_roi
 from ovcf.errors import CohortError
 
@@ -28,7 +29,7 @@ def sitk_volume(files: list[str]) -> Volume:
 
 
 def series_of(cohort: Path):
-    headers = [h for h in map(read_header, list_files(cohort / "dicom")) if h is not None]
+    headers = [h for path in list_files(cohort / "dicom") for h in read_header(path)[0]]
     return group_series(headers)
 
 
@@ -92,9 +93,10 @@ def test_mask_off_the_ct_grid_is_a_named_error(tiny_cohort):
 
 def test_pydicom_ct_small_matches_simpleitk():
     path = get_testdata_file("CT_small.dcm")
-    header = read_header(path)
-    series = group_series([header])
-    vol = load_series(series[0])
+    headers, kind = read_header(path)
+    assert kind == "image"
+    series = group_series(headers)
+    vol = load_series(series[0], SeriesChecks(min_slices=1))
     ref = sitk_volume([path])
     assert vol.array.shape == (128, 128, 1)
     np.testing.assert_allclose(vol.spacing[:2], [0.661468, 0.661468], atol=1e-6)
@@ -117,8 +119,8 @@ def test_choose_ct_prefers_named_then_most_slices(tiny_cohort):
 def test_non_dicom_files_are_skipped(tmp_path):
     (tmp_path / "notes.txt").write_text("not a dicom file")
     (tmp_path / "empty").write_bytes(b"")
-    assert read_header(str(tmp_path / "notes.txt")) is None
-    assert read_header(str(tmp_path / "empty")) is None
+    assert read_header(str(tmp_path / "notes.txt")) == ([], "non_dicom")
+    assert read_header(str(tmp_path / "empty")) == ([], "non_dicom")
 
 
 def test_roi_resampling_reads_world_coordinates():
@@ -142,7 +144,7 @@ def test_real_ge_ct_with_padding_matches_simpleitk():
     folder = REAL / "dcmqi" / "ct-3slice"
     if not folder.is_dir():
         pytest.skip(f"real test data not found at {folder} (../shared/data/real beside the project)")
-    headers = [read_header(str(p)) for p in sorted(folder.glob("*.dcm"))]
+    headers = [h for p in sorted(folder.glob("*.dcm")) for h in read_header(str(p))[0]]
     (series,) = group_series(headers)
     ours = load_series(series)
     ref = sitk_volume(sorted(str(p) for p in folder.glob("*.dcm")))

@@ -107,7 +107,7 @@ def test_synth_command_writes_a_cohort(cli_env, tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "cohort"
-    args = [f"out={out}", "patients_per_center=1", "n_levels=[5,5]", "seed=3", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [f"out={out}", "patients_per_center=1", "n_levels=[5,5]", "plant=null", "seed=3", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run_cli("ovcf.synth", args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(out) in proc.stdout

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import CLINICAL_CSV, LABELS
 from ovcf.data.clinical import read_centers
-from ovcf.data.ingest import RoiSpec, check_cohort, ingest, read_index
-from ovcf.data.splits import train_val_split
+from ovcf.data.ingest import IngestChecks, RoiSpec, check_cohort, ingest, read_index
+from ovcf.data.splits import cohort_splits, write_splits
 from ovcf.errors import ConfigError
 
 
@@ -100,12 +100,15 @@ class CohortDataModule(L.LightningDataModule):
         key_file: pseudonym key file (see `ovcf.data.pseudonym`).
         dev_center: center used for train/val; None takes the first center name in sorted order.
         external_center: center used only for test; None takes the second.
-        val_fraction: share of development patients held out for validation.
+        val_fraction: share of development patients held out for validation: the development
+            center is cut into round(1 / val_fraction) patient folds (written to `splits.json`).
+        fold: which of those folds validates (the others train).
         seed: split seed.
         roi_size: voxels per side of the cube cropped around each fractured body.
         roi_spacing: its isotropic spacing in mm.
         hu_window: HU range mapped to [0, 1].
         augment: torchio transforms for training samples, `{TransformName: kwargs}`.
+        ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
     """
 
     def __init__(
@@ -118,11 +121,13 @@ class CohortDataModule(L.LightningDataModule):
         dev_center: str | None = None,
         external_center: str | None = None,
         val_fraction: float = 0.2,
+        fold: int = 0,
         seed: int = 0,
         roi_size: int = 48,
         roi_spacing: float = 1.25,
         hu_window: tuple[float, float] = (-250.0, 1250.0),
         augment: dict | None = None,
+        ingest: dict | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         ingest_workers: int = 2,
@@ -131,12 +136,20 @@ class CohortDataModule(L.LightningDataModule):
         super().__init__()
         if cohort is None and not synthetic:
             raise ConfigError("no cohort: set data.cohort to a cohort folder, or keep the synthetic cohort config")
-        if synthetic is not None and not isinstance(synthetic, dict):  # a DictConfig from Hydra
-            from omegaconf import OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
+        if isinstance(synthetic, DictConfig):
             synthetic = OmegaConf.to_container(synthetic, resolve=True)
+        if isinstance(ingest, DictConfig):
+            ingest = OmegaConf.to_container(ingest, resolve=True)
         self.save_hyperparameters(logger=False)
         self.roi = RoiSpec(int(roi_size), float(roi_spacing))
+        self.checks = IngestChecks.from_config(ingest)
+        self.n_folds = max(2, int(round(1 / val_fraction)))
+        if not 0 <= fold < self.n_folds:
+            raise ConfigError(
+                f"data.fold={fold} is not one of the {self.n_folds} folds (0..{self.n_folds - 1}) that val_fraction gives"
+            )
         self.augment = build_augment(augment)
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
@@ -165,7 +178,7 @@ class CohortDataModule(L.LightningDataModule):
             print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
             params = {k: v for k, v in hp.synthetic.items() if k != "num_workers"}
             generate_cohort(path, num_workers=hp.ingest_workers, progress=hp.progress, **params)
-        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress)
+        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -180,15 +193,20 @@ class CohortDataModule(L.LightningDataModule):
         if not dev_rows or not ext_rows:
             empty = dev if not dev_rows else ext
             raise ConfigError(f"center '{empty}' has no included rows in {self.cohort_path}; see {self.cache / 'index.csv'}")
-        is_val = train_val_split(
-            [LABELS.index(r["label"]) for r in dev_rows], [r["pseudonym"] for r in dev_rows], hp.val_fraction, hp.seed
-        )
+        val_rows = set(self.make_splits(index)["folds"][hp.fold]["rows"])
         parts = {
-            "train": [r for r, v in zip(dev_rows, is_val) if not v],
-            "val": [r for r, v in zip(dev_rows, is_val) if v],
+            "train": [r for r in dev_rows if r["row"] not in val_rows],
+            "val": [r for r in dev_rows if r["row"] in val_rows],
             "test": ext_rows,
         }
         self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
+
+    def make_splits(self, index: list[dict] | None = None) -> dict:
+        """Patient folds of the development center and the external test set, written to `splits.json`."""
+        index = read_index(self.cache) if index is None else index
+        self.splits = cohort_splits(index, self.centers["dev"], self.centers["external"], self.n_folds, self.hparams.seed)
+        write_splits(self.cache / "splits.json", self.splits)
+        return self.splits
 
     def _centers(self, found: list[str]) -> tuple[str, str]:
         hp = self.hparams

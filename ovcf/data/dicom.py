@@ -1,14 +1,17 @@
-"""DICOM export -> series -> HU volume with its RAS affine.
+"""One DICOM file -> the header fields series assembly needs, and its frames in HU.
 
-Slices are ordered by their position along the slice normal (never by InstanceNumber), and the
-affine comes from ImageOrientationPatient / ImagePositionPatient / PixelSpacing alone, so a
-feet-first or reversed series lands in the same world coordinates as its mask.
+A PACS export holds more than CT slices: files without extension or preamble, DICOMDIRs, dose
+reports, text files. `read_header` sorts each file into one of `FILE_KINDS` without decoding
+pixels, and expands an enhanced multi-frame image into one `SliceHeader` per frame (geometry and
+rescale from its functional groups), so that the rest of the reader sees slices only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,35 +19,23 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
-from ovcf.data.volume import LPS_TO_RAS, Volume
-from ovcf.errors import CohortError
-
-_HEADER_TAGS = [
-    "PatientID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
-    "PixelSpacing",
-    "Rows",
-    "Columns",
-    "SliceThickness",
-    "ImageType",
-    "StudyDate",
-    "AcquisitionDate",
-    "NumberOfFrames",
-]
+FILE_KINDS = ("image", "non_dicom", "dicomdir", "no_pixels")
+UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
+LOSSY_8BIT = {"1.2.840.10008.1.2.4.50"}  # JPEG baseline: 8 bits cannot hold HU
+# JPEG extended, JPEG-LS near-lossless, JPEG 2000 and HTJ2K (lossy variants): decodable, HU approximate
+LOSSY = {"1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
 
 
 @dataclass
 class SliceHeader:
-    """What series assembly needs of one file, read without its pixels."""
+    """What series assembly needs of one slice (one file, or one frame of a multi-frame file)."""
 
     path: str
+    digest: str  # content hash of the whole file: exact duplicates and the ingest cache use it
     patient_id: str
     study_uid: str
-    series_uid: str
+    series_uid: str  # SeriesInstanceUID, or a stand-in built from other tags when it is empty
+    series_number: str
     modality: str
     orientation: tuple[float, ...] | None
     position: tuple[float, ...] | None
@@ -53,7 +44,20 @@ class SliceHeader:
     thickness: float | None
     image_type: tuple[str, ...]
     date: str
-    frames: int
+    transfer_syntax: str
+    sop_uid: str = ""
+    frame: int = -1  # index into a multi-frame file's frames; -1 for a single-frame file
+    frames: int = 1
+    rescale: tuple[float, float] = (1.0, 0.0)  # slope, intercept
+    modality_lut: bool = False  # a Modality LUT Sequence replaces rescale
+    tilt: float = 0.0  # GantryDetectorTilt, degrees
+    bits_stored: int = 16
+    samples: int = 1
+    photometric: str = "MONOCHROME2"
+    lossy: bool = False  # lossy compression, now or before (LossyImageCompression 01)
+    padding: tuple[int, int] | None = None  # PixelPaddingValue (and range limit): stored values that are air
+    pixel_offset: int = -1  # where native little-endian pixels start in the file; -1: decode with pydicom
+    pixel_dtype: str = ""  # their numpy dtype when pixel_offset >= 0
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -61,37 +65,203 @@ def _floats(value, n: int) -> tuple[float, ...] | None:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(np.isfinite(out)) else None
 
 
-def read_header(path: str) -> SliceHeader | None:
-    """Header of one file, or None when it is not a DICOM image."""
+def _float(value, default: float | None = None) -> float | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, OSError, ValueError, EOFError):
-        return None
-    if "Rows" not in ds or "Columns" not in ds:
-        return None  # dose reports, structured reports, DICOMDIR
-    thickness = ds.get("SliceThickness")
-    try:
-        thickness = float(thickness) if thickness not in (None, "") else None
+        out = float(value)
     except (TypeError, ValueError):
-        thickness = None
-    return SliceHeader(
+        return default
+    return out if np.isfinite(out) else default
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip().strip("\x00").strip()
+
+
+def _parse(data: bytes):
+    """The dataset without pixels and where reading stopped (at the pixel data element, if any).
+
+    Files without preamble or file meta are read too.
+    """
+    fp = io.BytesIO(data)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError:
+        # No preamble: accept only what starts like a data set (group 0002 or 0008 tags).
+        if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+            raise
+        fp = io.BytesIO(data)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    return ds, fp.tell()
+
+
+def _native_pixels(ds, data: bytes, pos: int, transfer_syntax: str) -> tuple[int, str]:
+    """Offset and dtype of uncompressed little-endian single-frame pixels, so that reading them
+    later needs no second parse of the header; (-1, "") whenever anything is unusual."""
+    bits = ds.get("BitsAllocated")
+    if (
+        transfer_syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+        or bits not in (8, 16)
+        or data[pos : pos + 4] != b"\xe0\x7f\x10\x00"
+    ):
+        return -1, ""
+    if transfer_syntax == "1.2.840.10008.1.2.1":
+        if data[pos + 4 : pos + 6] not in (b"OW", b"OB"):
+            return -1, ""
+        length, start = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
+    else:
+        length, start = int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
+    if length != int(ds.Rows) * int(ds.Columns) * bits // 8 or start + length > len(data):
+        return -1, ""
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    return start, f"<{'i' if signed else 'u'}{bits // 8}"
+
+
+def _group_item(ds, frame: int, sequence: str, attr: str):
+    """`attr` from the per-frame functional group of `frame`, else from the shared group."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            value = getattr(getattr(ds, groups)[index], sequence)[0].get(attr)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            continue
+        if value is not None:
+            return value
+    return None
+
+
+def read_header(path: str) -> tuple[list[SliceHeader], str]:
+    """The slices of one file without its pixels, and the file's kind (one of `FILE_KINDS`)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return [], "non_dicom"
+    try:
+        ds, pos = _parse(data)
+    except Exception:  # noqa: BLE001 - a broken or foreign file raises anything; it is skipped and counted
+        return [], "non_dicom"
+    try:
+        return _slices(ds, path, hashlib.blake2b(data, digest_size=16).hexdigest(), data, pos)
+    except Exception:  # noqa: BLE001 - garbage that parsed as tags (force=True): not a usable image
+        return [], "non_dicom"
+
+
+def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[SliceHeader], str]:
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None))
+    if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
+        return [], "dicomdir"
+    ts = _text(meta.get("TransferSyntaxUID")) if meta else "1.2.840.10008.1.2"
+    # Reading stopped at (7FE0,xxxx); a deflated data set cannot be checked in the raw bytes.
+    has_pixels = ts == "1.2.840.10008.1.2.1.99" or data[pos : pos + 2] in (b"\xe0\x7f", b"\x7f\xe0")
+    if "Rows" not in ds or "Columns" not in ds or not has_pixels:
+        return [], "no_pixels" if (sop_class or "Modality" in ds) else "non_dicom"
+    series_uid = _text(ds.get("SeriesInstanceUID"))
+    series_number = _text(ds.get("SeriesNumber"))
+    modality = _text(ds.get("Modality")).upper()
+    padding = ds.get("PixelPaddingValue")
+    limit = ds.get("PixelPaddingRangeLimit")
+    padding = (padding, limit if isinstance(limit, int) else padding) if isinstance(padding, int) else None
+    if padding is not None and int(ds.get("PixelRepresentation") or 0) == 1:  # stored as US although pixels are signed
+        bits = int(ds.get("BitsAllocated") or 16)
+        padding = tuple(v - (1 << bits) if v >= 1 << (bits - 1) else v for v in padding)
+    if not series_uid:  # empty or missing UID: series number, modality and frame of reference stand in
+        series_uid = f"(no UID) #{series_number}/{modality}/{_text(ds.get('FrameOfReferenceUID'))}"
+    common = dict(
         path=path,
-        patient_id=str(ds.get("PatientID", "")).strip(),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        modality=str(ds.get("Modality", "")),
+        digest=digest,
+        patient_id=_text(ds.get("PatientID")).replace(" ", ""),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        series_uid=series_uid,
+        series_number=series_number,
+        modality=modality,
+        shape=(int(ds.Rows), int(ds.Columns)),
+        image_type=tuple(_text(v).upper() for v in (ds.get("ImageType") or ())),
+        date=_text(ds.get("AcquisitionDate") or ds.get("StudyDate") or ds.get("SeriesDate")),
+        transfer_syntax=ts,
+        sop_uid=_text(ds.get("SOPInstanceUID")),
+        modality_lut="ModalityLUTSequence" in ds,
+        tilt=_float(ds.get("GantryDetectorTilt"), 0.0),
+        bits_stored=int(ds.get("BitsStored") or 16),
+        samples=int(ds.get("SamplesPerPixel") or 1),
+        photometric=_text(ds.get("PhotometricInterpretation")).upper(),
+        padding=None if padding is None else tuple(sorted(padding)),
+        lossy=_text(ds.get("LossyImageCompression")) == "01",
+    )
+    frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
+    if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return [_frame(ds, i, frames, common) for i in range(frames)], "image"
+    slope, intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+    offset, dtype = _native_pixels(ds, data, pos, common["transfer_syntax"]) if not common["modality_lut"] else (-1, "")
+    header = SliceHeader(
+        **common,
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=_floats(ds.get("ImagePositionPatient"), 3),
-        shape=(int(ds.Rows), int(ds.Columns)),
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-        thickness=thickness,
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        date=str(ds.get("AcquisitionDate") or ds.get("StudyDate") or ""),
-        frames=int(ds.get("NumberOfFrames") or 1),
+        thickness=_float(ds.get("SliceThickness")),
+        rescale=(slope, intercept),
+        pixel_offset=offset,
+        pixel_dtype=dtype,
     )
+    return [header], "image"
+
+
+def _frame(ds, i: int, frames: int, common: dict) -> SliceHeader:
+    slope = _group_item(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _group_item(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
+    return SliceHeader(
+        **common,
+        orientation=_floats(_group_item(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+        position=_floats(_group_item(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
+        pixel_spacing=_floats(_group_item(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2),
+        thickness=_float(_group_item(ds, i, "PixelMeasuresSequence", "SliceThickness")),
+        rescale=(_float(slope, _float(ds.get("RescaleSlope"), 1.0)), _float(intercept, _float(ds.get("RescaleIntercept"), 0.0))),
+        frame=i,
+        frames=frames,
+    )
+
+
+def read_frames(path: str) -> tuple[np.ndarray, object]:
+    """Decoded stored values of a file, always (frames, rows, columns), and its dataset."""
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise ValueError("the file has no pixel data")
+    stored = ds.pixel_array
+    frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
+    return (stored if frames > 1 else stored[None]), ds
+
+
+def read_native(header: SliceHeader) -> np.ndarray:
+    """Stored values of a plain uncompressed slice straight from its bytes (the fast path)."""
+    rows, cols = header.shape
+    with open(header.path, "rb") as fh:
+        fh.seek(header.pixel_offset)
+        raw = np.frombuffer(fh.read(rows * cols * np.dtype(header.pixel_dtype).itemsize), header.pixel_dtype)
+    if raw.size != rows * cols:
+        raise ValueError(f"pixel data truncated: {raw.size} of {rows * cols} values")
+    raw = raw.reshape(rows, cols)
+    bits = raw.dtype.itemsize * 8
+    if header.bits_stored < bits:  # unused high bits (overlays in old files) are not part of the value
+        shift = bits - header.bits_stored
+        if raw.dtype.kind == "i":
+            return (raw << shift) >> shift
+        return raw & ((1 << header.bits_stored) - 1)
+    return raw
+
+
+def to_hu(stored: np.ndarray, header: SliceHeader, ds=None) -> np.ndarray:
+    """Stored values of one frame -> HU; pixel padding (outside the reconstruction circle) is air."""
+    if header.modality_lut:
+        hu = np.asarray(apply_modality_lut(stored, ds), np.float32)
+    else:
+        slope, intercept = header.rescale
+        hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if header.padding is not None:
+        lo, hi = header.padding
+        hu[(stored >= lo) & (stored <= hi)] = -1024.0
+    return hu
 
 
 def list_files(root: Path) -> list[str]:
@@ -100,89 +270,3 @@ def list_files(root: Path) -> list[str]:
     for folder, _, names in os.walk(root):
         out.extend(os.path.join(folder, n) for n in names)
     return sorted(out)
-
-
-@dataclass
-class Series:
-    """Slices of one (patient, study, series) with one orientation and image size."""
-
-    patient_id: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    slices: list[SliceHeader] = field(default_factory=list)
-
-    @property
-    def normal(self) -> np.ndarray | None:
-        o = self.slices[0].orientation
-        return None if o is None else np.cross(o[:3], o[3:])
-
-    @property
-    def is_axial(self) -> bool:
-        n = self.normal
-        return n is not None and abs(n[2]) > 0.8
-
-    @property
-    def thickness(self) -> float:
-        return self.slices[0].thickness or float("inf")
-
-    @property
-    def is_localizer(self) -> bool:
-        return "LOCALIZER" in self.slices[0].image_type
-
-
-def group_series(headers: list[SliceHeader]) -> list[Series]:
-    """Groups slices by patient/study/series, split further by orientation and image size."""
-    groups: dict[tuple, Series] = {}
-    for h in headers:
-        o = None if h.orientation is None else tuple(np.round(h.orientation, 3))
-        key = (h.patient_id, h.study_uid, h.series_uid, o, h.shape)
-        if key not in groups:
-            groups[key] = Series(h.patient_id, h.study_uid, h.series_uid, h.modality)
-        groups[key].slices.append(h)
-    return list(groups.values())
-
-
-def choose_ct(series: list[Series], series_uid: str | None = None) -> Series | None:
-    """The named series, else the axial CT with the most slices, then the thinnest slices."""
-    if series_uid:
-        named = [s for s in series if s.series_uid == series_uid]
-        return max(named, key=lambda s: len(s.slices)) if named else None
-    candidates = [
-        s
-        for s in series
-        if s.modality == "CT" and s.is_axial and not s.is_localizer and len(s.slices) > 1 and s.slices[0].frames == 1
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda s: (-len(s.slices), s.thickness))
-
-
-def load_series(series: Series) -> Volume:
-    """Reads the pixels, converts to HU and returns the volume with its voxel-to-RAS affine."""
-    first = series.slices[0]
-    if first.orientation is None or first.pixel_spacing is None or any(s.position is None for s in series.slices):
-        raise CohortError(f"series {series.series_uid or '(no UID)'} lacks orientation, position or pixel spacing tags")
-    normal = series.normal
-    ordered = sorted(series.slices, key=lambda s: float(np.dot(s.position, normal)))
-    planes = []
-    for s in ordered:
-        try:
-            ds = pydicom.dcmread(s.path)
-            stored = ds.pixel_array
-            hu = apply_modality_lut(stored, ds).astype(np.float32)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken pixel data
-            raise CohortError(f"cannot decode pixel data of {Path(s.path).name}: {exc}") from exc
-        padding = ds.get("PixelPaddingValue")
-        if padding is not None:
-            hu[stored == padding] = -1024.0  # padding outside the reconstruction circle is air
-        planes.append(hu.T)  # (rows, columns) -> (i = column, j = row)
-    array = np.stack(planes, axis=-1)
-
-    row_cos, col_cos = np.array(first.orientation[:3]), np.array(first.orientation[3:])
-    dy, dx = first.pixel_spacing  # DICOM: spacing between rows, then between columns
-    p0, p1 = np.array(ordered[0].position), np.array(ordered[-1].position)
-    step = (p1 - p0) / (len(ordered) - 1) if len(ordered) > 1 else normal * series.thickness
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cos * dx, col_cos * dy, step, p0
-    return Volume(array, LPS_TO_RAS @ lps)

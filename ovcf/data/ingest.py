@@ -1,10 +1,11 @@
-"""Cohort folder -> cached vertebra samples (one per included `clinical.csv` row).
+"""Cohort folder -> cached vertebra samples (one per included `clinical.csv` row) and its flow.
 
-For each patient: choose the CT series, read it in world coordinates, put the mask on its
-voxels, and crop an isotropic cube around each fractured body. Results go to a cache folder
-keyed by the cohort's path and the ROI settings, and are reused while the cohort's files are
-unchanged, so a second run decodes no DICOM. One bad patient is excluded with its reason; the
-others ingest.
+For each patient: choose the CT series, validate and read it in world coordinates, put the mask
+on its voxels, apply the protocol's exclusions, and crop an isotropic cube around each fractured
+body. Each patient is written to the cache as soon as it is done, under its pseudonym, with the
+content hash of everything it was made from: a re-run redoes only patients whose files, rows or
+settings changed, and a crash loses nothing already written. One bad patient is excluded with
+its reason; the others ingest.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ import datetime as dt
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ovcf.contract import CLINICAL_CSV, DICOM_DIR, LEVEL_IDS, MASKS_DIR
+from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
 from ovcf.data.clinical import ClinicalRow, check_clinical, read_clinical
-from ovcf.data.dicom import Series, choose_ct, group_series, list_files, load_series, read_header
+from ovcf.data.dicom import list_files, read_header
+from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
+from ovcf.data.quality import QualityChecks, estimate_centre, implant_ml, locate_level, noise_hu
+from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
 from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi
 from ovcf.errors import CohortError
-from ovcf.parallel import pool_map
+from ovcf.parallel import pool_map, worker_pool
 
-CACHE_VERSION = 2
-INDEX_COLUMNS = ["row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "note"]
+CACHE_VERSION = 3
+INDEX_COLUMNS = [
+    "row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "flags", "note",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,25 @@ class RoiSpec:
 
     size: int = 48
     spacing: float = 1.25
+
+
+@dataclass(frozen=True)
+class IngestChecks:
+    """Series validation and CT-based exclusion thresholds (the `ingest` config group)."""
+
+    series: SeriesChecks = field(default_factory=SeriesChecks)
+    quality: QualityChecks = field(default_factory=QualityChecks)
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> IngestChecks:
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {"series", "quality"}
+        if unknown:
+            raise CohortError(f"ingest config has unknown section(s) {', '.join(sorted(unknown))}; use series and quality")
+        try:
+            return cls(SeriesChecks(**(cfg.get("series") or {})), QualityChecks(**(cfg.get("quality") or {})))
+        except TypeError as exc:
+            raise CohortError(f"ingest config: {exc}; see conf/ingest/default.yaml for the known keys") from exc
 
 
 def check_cohort(cohort: Path) -> Path:
@@ -50,9 +76,10 @@ def check_cohort(cohort: Path) -> Path:
     return cohort
 
 
-def _fingerprint(cohort: Path) -> str:
-    """Changes whenever clinical.csv or any file under dicom/ or masks/ changes (size or mtime)."""
-    h = hashlib.sha256((cohort / CLINICAL_CSV).read_bytes())
+def _fingerprint(cohort: Path, settings: str) -> str:
+    """Cheap staleness test: changes whenever any input file's size or mtime, or a setting, changes."""
+    h = hashlib.sha256(settings.encode())
+    h.update((cohort / CLINICAL_CSV).read_bytes())
     for sub in (DICOM_DIR, MASKS_DIR):
         for path in list_files(cohort / sub):
             st = os.stat(path)
@@ -66,8 +93,12 @@ def cache_folder(cohort: Path, cache_root: Path, roi: RoiSpec) -> Path:
 
 
 def _read_headers(paths: list[str]):
-    headers = [read_header(p) for p in paths]
-    return [h for h in headers if h is not None], sum(h is None for h in headers)
+    slices, kinds = [], Counter()
+    for p in paths:
+        found, kind = read_header(p)
+        slices.extend(found)
+        kinds[kind] += 1
+    return slices, kinds
 
 
 def _parse_dicom_date(text: str) -> dt.date | None:
@@ -77,85 +108,182 @@ def _parse_dicom_date(text: str) -> dt.date | None:
         return None
 
 
-def _ingest_patient(job: dict) -> list[dict]:
-    """Samples of one patient's rows, written to `<out>/samples/<pseudonym>.npz`."""
-    rows: list[ClinicalRow] = job["rows"]
-    roi: RoiSpec = job["roi"]
-    results = {r.row: {"reasons": r.exclusions(), "note": "; ".join(r.problems)} for r in rows}
-    arrays: dict[str, np.ndarray] = {}
+class _Patient:
+    """Results of one patient's rows while they are worked out."""
 
-    def fail_all(reason: str, note: str) -> list[dict]:
-        for r in rows:
-            results[r.row]["reasons"].append(reason)
-            results[r.row]["note"] = note
-        return _finish(job, results, arrays)
+    def __init__(self, job: dict):
+        self.job, self.rows = job, job["rows"]
+        self.results = {
+            r.row: {"reasons": r.exclusions(), "flags": [], "notes": [r.problems and "; ".join(r.problems) or ""]}
+            for r in self.rows
+        }
+        self.arrays: dict[str, np.ndarray] = {}
+        self.series: list[dict] = []
 
-    ct = choose_ct(job["series"], rows[0].ct_series_uid or None)
-    if ct is None:
-        return fail_all("no_ct", "no axial CT series for this patient")
+    def add(self, row: int | None, reason: str | None = None, note: str = "", flag: str | None = None) -> None:
+        for r in self.rows if row is None else [r for r in self.rows if r.row == row]:
+            res = self.results[r.row]
+            if reason:
+                res["reasons"].append(reason)
+            if flag:
+                res["flags"].append(flag)
+            if note:
+                res["notes"].append(self.scrub(note))
+
+    def scrub(self, text: str) -> str:
+        """Removes what could identify the patient from a message: paths and the original ID."""
+        for secret in (self.job["cohort"], self.rows[0].patient_id):
+            if secret:
+                text = text.replace(secret, self.job["pseudonym"] if secret == self.rows[0].patient_id else "<cohort>")
+        return text
+
+
+def _ingest_patient(job: dict) -> dict:
+    """One patient's rows, samples and series report, written to the cache under its pseudonym."""
+    p = _Patient(job)
     try:
-        volume = load_series(ct).canonical()
-    except CohortError as exc:
-        return fail_all("unreadable", str(exc))
+        _work(p)
+    except Exception as exc:  # noqa: BLE001 - one patient's unexpected failure must not stop the cohort
+        p.arrays.clear()
+        p.add(None, "unreadable", f"unexpected error while ingesting: {type(exc).__name__}: {exc}")
+        p.job = {**job, "hash": None}  # not a verdict on the data: retried on the next run
+    return _finish(p)
+
+
+def _choose_and_load(p: _Patient, checks: IngestChecks) -> tuple[Series, Volume] | None:
+    named = p.rows[0].ct_series_uid or None
+    candidates = ct_candidates(p.job["series"], named)
+    for s in p.job["series"]:
+        if s not in candidates:
+            p.series.append({"series": s.name, "status": "not a candidate", "notes": s.notes})
+    if not candidates:
+        what = "the series named in ct_series_uid is not in the export" if named else "no axial CT series in the export"
+        p.add(None, "no_ct", what)
+        return None
+    problems = []
+    for s in candidates:
+        try:
+            volume = load_series(s, checks.series).canonical()
+        except SeriesError as exc:
+            p.series.append({"series": s.name, "status": exc.code, "notes": [*s.notes, p.scrub(str(exc))]})
+            problems.append(f"{exc.code}: {exc}")
+            continue
+        p.series.append({"series": s.name, "status": "used", "notes": s.notes})
+        for note in s.notes:
+            p.add(None, note=note, flag=note.split(":")[0])
+        if problems:
+            p.add(None, note="preferred series rejected: " + " | ".join(problems), flag="series_fallback")
+        return s, volume
+    p.add(None, "unreadable", "no usable CT series: " + " | ".join(problems))
+    return None
+
+
+def _work(p: _Patient) -> None:
+    job, checks, roi = p.job, p.job["checks"], p.job["roi"]
+    chosen = _choose_and_load(p, checks)
+    if chosen is None:
+        return
+    ct, volume = chosen
     dicom_date = _parse_dicom_date(ct.slices[0].date)
-    for r in rows:  # the interval may need the CT date from DICOM
-        if r.ct_date is None:
-            results[r.row]["reasons"] = r.exclusions(dicom_date)
+    for r in p.rows:  # without ct_date in the CSV, the interval uses the series' DICOM date
+        if r.ct_date is None and "interval" in r.exclusions(dicom_date):
+            p.add(r.row, "interval", f"CT (DICOM date) and MRI more than {MAX_CT_MRI_DAYS} days apart")
 
     labels = None
-    if job["mask"] is not None:
+    if job["mask"] is None:
+        p.add(None, "no_mask", "no mask file: this patient needs a predicted mask", flag="no_mask")
+    else:
         try:
-            labels = mask_on_ct(load_nifti(job["mask"]), volume, f"{job['pseudonym']}.nii.gz")
+            labels = mask_on_ct(load_nifti(job["mask"]), volume, f"mask of {job['pseudonym']}")
         except CohortError as exc:
-            return fail_all("mask_mismatch", str(exc))
+            p.add(None, "mask_mismatch", str(exc))
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
-            return fail_all("mask_mismatch", f"mask of {job['pseudonym']} unreadable: {exc}")
+            p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}")
+    if labels is None:
+        return
 
-    for r in rows:
-        res = results[r.row]
-        if labels is None:
-            res["reasons"].append("no_mask")
+    q = checks.quality
+    slice_mm = float(volume.spacing.max())
+    for r in p.rows:
+        voxels, where = locate_level(labels, volume, r.level)
+        if where == "outside":
+            p.add(r.row, "level_not_in_fov", f"level {r.level} is outside the CT's field of view")
             continue
-        level_id = LEVEL_IDS.get(r.level)
-        voxels = np.argwhere(labels == level_id) if level_id is not None else np.empty((0, 3))
-        if len(voxels) == 0:
-            res["reasons"].append("level_not_in_fov")
-            res["note"] = f"level {r.level} not in the mask"
+        if where == "estimated":
+            centre = estimate_centre(labels, volume, r.level)
+            index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
+            half = 15.0 / volume.spacing
+            voxels = np.array([index - half, index + half]).round().astype(int)
+            p.add(
+                r.row,
+                note=f"level {r.level} is in view but not in the mask; ROI centred on its estimated position",
+                flag="level_mask_missing",
+            )
+        else:
+            centre = volume.world(voxels.mean(axis=0))
+        dense = implant_ml(volume, voxels, q)
+        if dense >= q.implant_min_ml:
+            p.add(r.row, "implant", f"{dense:.2f} ml above {q.implant_hu:g} HU in or next to {r.level} (cement or metal)")
+        noise = noise_hu(volume, voxels, q)
+        if noise > q.max_noise_hu:
+            p.add(r.row, "image_quality", f"soft-tissue noise {noise:.0f} HU exceeds {q.max_noise_hu:g} HU")
+        if slice_mm > q.max_slice_mm:
+            p.add(r.row, "image_quality", f"voxels {slice_mm:.1f} mm apart exceed {q.max_slice_mm:g} mm")
+        if p.results[r.row]["reasons"]:
             continue
-        if res["reasons"]:
-            continue
-        centre = volume.world(voxels.mean(axis=0))
+        level_mask = np.zeros(labels.shape, np.float32)
+        if where == "mask":
+            level_mask[tuple(voxels.T)] = 1.0
         image = resample_roi(volume, centre, roi.size, roi.spacing)
-        body = resample_roi(
-            Volume((labels == level_id).astype(np.float32), volume.affine), centre, roi.size, roi.spacing, "nearest", 0.0
-        )
-        arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
-        arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
-    return _finish(job, results, arrays)
+        body = resample_roi(Volume(level_mask, volume.affine), centre, roi.size, roi.spacing, "nearest", 0.0)
+        p.arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
+        p.arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
 
 
-def _finish(job: dict, results: dict, arrays: dict) -> list[dict]:
-    if arrays:
-        np.savez(Path(job["out"]) / "samples" / f"{job['pseudonym']}.npz", **arrays)
-    out = []
-    for r in job["rows"]:
-        res = results[r.row]
-        out.append(
+def _finish(p: _Patient) -> dict:
+    out = Path(p.job["out"])
+    name = p.job["pseudonym"]
+    if p.arrays:
+        tmp = out / "samples" / f"{name}.tmp.npz"
+        np.savez(tmp, **p.arrays)
+        os.replace(tmp, out / "samples" / f"{name}.npz")
+    rows = []
+    for r in p.rows:
+        res = p.results[r.row]
+        rows.append(
             {
                 "row": r.row,
-                "pseudonym": job["pseudonym"],
+                "pseudonym": name,
                 "center": r.center,
                 "level": r.level,
                 "label": r.label,
-                "age": "" if r.age is None else r.age,
+                "age": r.age,
                 "sex": r.sex,
-                "dxa_t_score": "" if r.dxa_t_score is None else r.dxa_t_score,
+                "dxa_t_score": r.dxa_t_score,
                 "included": not res["reasons"],
-                "reasons": ";".join(dict.fromkeys(res["reasons"])),
-                "note": res["note"],
+                "reasons": list(dict.fromkeys(res["reasons"])),
+                "flags": list(dict.fromkeys(res["flags"])),
+                "note": "; ".join(n for n in dict.fromkeys(res["notes"]) if n),
             }
         )
-    return out
+    record = {"hash": p.job["hash"], "rows": rows, "series": p.series}
+    _write_json(out / "patients" / f"{name}.json", record)
+    return record
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | None, settings: str) -> str:
+    h = hashlib.sha256(settings.encode())
+    h.update(json.dumps([asdict(r) for r in rows], default=str).encode())
+    for digest in sorted({s.digest for ser in series for s in ser.slices}):
+        h.update(digest.encode())
+    h.update(hashlib.sha256(mask.read_bytes()).digest() if mask is not None else b"no mask")
+    return h.hexdigest()
 
 
 def ingest(
@@ -165,54 +293,108 @@ def ingest(
     key_file: str | Path = "~/.cache/ovcf/pseudonym.key",
     num_workers: int = 1,
     progress: bool = True,
+    checks: IngestChecks | dict | None = None,
 ) -> Path:
     """Ingests `cohort` (or reuses its fresh cache) and returns the cache folder.
 
-    The folder holds `index.csv` (one line per clinical row, pseudonymised, with `included` and
-    exclusion `reasons`) and `samples/<pseudonym>.npz` (ROI image in HU and body mask per row).
+    The folder holds `index.csv` (one line per clinical row, pseudonymised, with `included`,
+    exclusion `reasons` and reader `flags`), `samples/<pseudonym>.npz` (ROI image in HU and body
+    mask per row), `patients/<pseudonym>.json` (rows and series report) and the flow report
+    (`flow.json`, `flow.md`, `flow.png`).
     """
+    checks = checks if isinstance(checks, IngestChecks) else IngestChecks.from_config(checks)
     cohort = check_cohort(Path(cohort))
     out = cache_folder(cohort, Path(cache_root), roi)
-    fingerprint = _fingerprint(cohort)
+    key = load_key(Path(key_file))
+    settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest()])
+    fingerprint = _fingerprint(cohort, settings)
     stamp = out / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return out
 
     rows = read_clinical(cohort / CLINICAL_CSV)
-    key = load_key(Path(key_file))
-    files = list_files(cohort / DICOM_DIR)
-    chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
-    scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress)
-    headers = [h for hs, _ in scanned for h in hs]
-    by_patient: dict[str, list[Series]] = {}
-    for s in group_series(headers):
-        by_patient.setdefault(s.patient_id, []).append(s)
+    with worker_pool(num_workers) as pool:  # workers start once for both passes
+        files = list_files(cohort / DICOM_DIR)
+        chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
+        scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress, pool)
+        headers = [h for hs, _ in scanned for h in hs]
+        kinds = sum((k for _, k in scanned), Counter())
+        by_patient: dict[str, list[Series]] = {}
+        all_series = group_series(headers)
+        for s in all_series:
+            by_patient.setdefault(s.patient_id, []).append(s)
 
-    patients: dict[str, list[ClinicalRow]] = {}
-    for r in rows:
-        patients.setdefault(r.patient_id, []).append(r)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for pid, prow in patients.items():
-        mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
-        jobs.append(
-            {
+        patients: dict[str, list[ClinicalRow]] = {}
+        for r in rows:
+            patients.setdefault(r.patient_id, []).append(r)
+        for sub in ("samples", "patients"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        jobs, records = [], {}
+        for pid, prow in patients.items():
+            mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
+            mask = mask if mask.is_file() else None
+            series = by_patient.get(pid, [])
+            job = {
                 "pseudonym": pseudonym(pid, key),
+                "hash": _patient_hash(prow, series, mask, settings),
                 "rows": prow,
-                "series": by_patient.get(pid, []),
-                "mask": mask if mask.is_file() else None,
+                "series": series,
+                "mask": mask,
                 "roi": roi,
+                "checks": checks,
                 "out": str(out),
+                "cohort": str(cohort),
             }
-        )
-    results = pool_map(_ingest_patient, jobs, num_workers, "Ingesting patients", progress)
-    index = sorted((r for rs in results for r in rs), key=lambda r: r["row"])
-    with open(out / "index.csv", "w", newline="") as fh:
+            done = out / "patients" / f"{job['pseudonym']}.json"
+            if done.exists():
+                record = json.loads(done.read_text())
+                if record.get("hash") == job["hash"]:
+                    records[job["pseudonym"]] = record
+                    continue
+            (out / "samples" / f"{job['pseudonym']}.npz").unlink(missing_ok=True)
+            jobs.append(job)
+        if jobs:
+            for record in pool_map(_ingest_patient, jobs, num_workers, f"Ingesting {len(jobs)} patients", progress, pool):
+                records[record["rows"][0]["pseudonym"]] = record
+        for stale in (out / "patients").glob("*.json"):  # patients no longer in the cohort
+            if stale.stem not in records:
+                stale.unlink()
+                (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
+    index = sorted((r for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
+    _write_index(out / "index.csv", index)
+    rejected = Counter(
+        s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in ("used", "not a candidate")
+    )
+    totals = {
+        "files": len(files),
+        **{kind: kinds.get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
+        "series": len(all_series),
+        "series_rejected": dict(sorted(rejected.items())),
+        "patients_reused": len(records) - len(jobs),
+        "patients_ingested": len(jobs),
+    }
+    write_flow(out, index, totals, title=f"Cohort flow: {cohort.name}")
+    if all(rec["hash"] is not None for rec in records.values()):  # else: retry the failed patients next time
+        _write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
+    else:
+        stamp.unlink(missing_ok=True)
+    return out
+
+
+def _write_index(path: Path, index: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
         writer.writeheader()
-        writer.writerows(index)
-    stamp.write_text(json.dumps({"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION}))
-    return out
+        for r in index:
+            writer.writerow(
+                {
+                    **r,
+                    "age": "" if r["age"] is None else r["age"],
+                    "dxa_t_score": "" if r["dxa_t_score"] is None else r["dxa_t_score"],
+                    "reasons": ";".join(r["reasons"]),
+                    "flags": ";".join(r["flags"]),
+                }
+            )
 
 
 def read_index(cache: Path) -> list[dict]:
@@ -224,4 +406,6 @@ def read_index(cache: Path) -> list[dict]:
         r["included"] = r["included"] == "True"
         r["age"] = float(r["age"]) if r["age"] else float("nan")
         r["dxa_t_score"] = float(r["dxa_t_score"]) if r["dxa_t_score"] else float("nan")
+        r["reasons"] = [x for x in r["reasons"].split(";") if x]
+        r["flags"] = [x for x in r["flags"].split(";") if x]
     return rows

@@ -6,9 +6,14 @@ patient's other fracture (same bone density, same scanner) leaks from training i
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from ovcf.contract import LABELS
 from ovcf.errors import CohortError
 
 
@@ -33,7 +38,33 @@ def patient_folds(labels: list[int], groups: list[str], n_folds: int, seed: int)
     return fold
 
 
-def train_val_split(labels: list[int], groups: list[str], val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows, about `val_fraction` of the patients."""
-    n_folds = max(2, int(round(1 / val_fraction)))
-    return patient_folds(labels, groups, n_folds, seed) == 0
+def cohort_splits(index: list[dict], dev: str, external: str, n_folds: int, seed: int) -> dict:
+    """The k patient folds of the development center and the external test set, by pseudonym and row.
+
+    What `splits.json` holds: enough to rebuild every part of every fold without the data, and
+    proof that the external center appears in no fold.
+    """
+    dev_rows = [r for r in index if r["included"] and r["center"] == dev]
+    fold = patient_folds([LABELS.index(r["label"]) for r in dev_rows], [r["pseudonym"] for r in dev_rows], n_folds, seed)
+    parts = []
+    for f in range(n_folds):
+        rows = [r for r, k in zip(dev_rows, fold) if k == f]
+        parts.append({"fold": f, **_part(rows)})
+    test = [r for r in index if r["included"] and r["center"] == external]
+    return {"seed": seed, "n_folds": n_folds, "dev_center": dev, "external_center": external, "folds": parts, "test": _part(test)}
+
+
+def _part(rows: list[dict]) -> dict:
+    return {
+        "patients": sorted({r["pseudonym"] for r in rows}),
+        "rows": sorted(r["row"] for r in rows),
+        "acute": sum(r["label"] == "acute" for r in rows),
+        "chronic": sum(r["label"] == "chronic" for r in rows),
+    }
+
+
+def write_splits(path: Path, splits: dict) -> None:
+    """Writes atomically: parallel sweep jobs may write the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(splits, indent=1))
+    os.replace(tmp, path)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from ovcf.contract import MASK_TOLERANCE_MM
@@ -88,7 +86,7 @@ def resample_roi(
 ) -> np.ndarray:
     """Samples a cube of `size` voxels of `spacing` mm, axis-aligned in RAS, centred at `centre`.
 
-    Trilinear for images (`bilinear` in torch's 5D naming) or `nearest` for labels; outside the
+    Trilinear for images (`mode="bilinear"`) or `nearest` for labels; outside the
     volume it reads `fill` (air for CT). Images are low-pass filtered first along every axis whose
     voxels are finer than `spacing`, so that a thin-slice scanner's noise does not alias into the
     ROI: scanners of different resolution then yield ROIs of the same resolution.
@@ -110,9 +108,6 @@ def resample_roi(
         index = index - lo
         if np.any(sigma > 0.1):
             array = ndimage.gaussian_filter(array, sigma, mode="nearest")
-    shape = np.array(array.shape, float)
-    norm = 2 * index / np.maximum(shape - 1, 1) - 1  # grid_sample wants (x=W, y=H, z=D) = (k, j, i) order
-    norm = torch.from_numpy(norm[..., ::-1].copy()).float()[None]
-    src = torch.from_numpy(array - fill)[None, None]
-    out = F.grid_sample(src, norm, mode=mode, padding_mode="zeros", align_corners=True)
-    return out[0, 0].numpy() + fill
+    order = 0 if mode == "nearest" else 1
+    coords = np.moveaxis(index, -1, 0)
+    return ndimage.map_coordinates(array, coords, order=order, mode="constant", cval=fill, prefilter=False).astype(np.float32)

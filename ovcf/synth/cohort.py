@@ -9,12 +9,23 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, REQUIRED_COLUMNS
+from ovcf.contract import (
+    CLINICAL_CSV,
+    DICOM_DIR,
+    EXCLUSION_CODES,
+    LEVEL_IDS,
+    LEVEL_ORDER,
+    MASKS_DIR,
+    MAX_CT_MRI_DAYS,
+    MIN_AGE,
+    REQUIRED_COLUMNS,
+)
+from ovcf.errors import ConfigError
 from ovcf.parallel import pool_map
 from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
 from ovcf.synth.export import PatientHeader, write_ct_series, write_mask
@@ -25,6 +36,9 @@ COLUMNS = [*REQUIRED_COLUMNS, "ct_date", "etiology", "ct_series_uid"]
 _FIRST = ["ANNA", "MARIA", "LI", "WEI", "HELGA", "ROSA", "JOHN", "PETER", "YAN", "EVA"]
 _LAST = ["SMITH", "WANG", "MUELLER", "ROSSI", "CHEN", "NOVAK", "GARCIA", "ZHANG", "BROWN", "LEE"]
 _INSTITUTIONS = {0: "Synthetic University Hospital", 1: "Phantom General Hospital"}
+PLANTABLE = EXCLUSION_CODES  # every protocol exclusion can be planted
+ROW_PROBLEMS = ("age", "etiology", "interval", "no_ct", "implant", "image_quality", "unreadable")  # exclude all rows
+PLANTED_NOISE_HU = 150.0
 
 
 def _patient(job: dict) -> tuple[list[dict], dict]:
@@ -47,9 +61,14 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
         by_name[level].fracture = draw_fracture(rng, label, cfg["signs"], cfg["grades"])
     apply_fracture_heights(vertebrae)
 
+    problem = job.get("problem")
+    if problem == "image_quality":  # a low-dose or obese-patient scan: noise hides the fracture signs
+        scanner = replace(scanner, noise_hu=PLANTED_NOISE_HU)
     scanner_rng = np.random.default_rng([cfg["seed"], c_idx, p_idx, 1])
     grid = make_grid(vertebrae, scanner, scanner_rng)
     ideal, labels = render(vertebrae, grid, rng, cfg.get("tissues"))
+    if problem == "implant":
+        _add_cement(ideal, labels, grid, levels)
     hu = acquire(ideal, grid, scanner, scanner_rng)
 
     patient_id = f"{c_idx + 1}{int(rng.integers(0, 10000)):04d}{p_idx:03d}"
@@ -69,13 +88,18 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     )
     out = Path(job["out"])
     folder = out / DICOM_DIR / f"{center}_{p_idx:04d}" / "study1" / "series2"
-    write_ct_series(folder, hu, grid, scanner, header)
+    write_ct_series(folder, hu, grid, scanner, header, modality="MR" if problem == "no_ct" else "CT")
+    if problem == "unreadable":  # an export interrupted mid-transfer: one slice lost half its pixels
+        victim = sorted(folder.iterdir())[len(list(folder.iterdir())) // 2]
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     write_mask(out / MASKS_DIR / f"{patient_id}.nii.gz", labels, grid, job["mask_orientation"])
 
     rows, truth = [], []
     for level in levels:
         f = by_name[level].fracture
         mri = ct_date + dt.timedelta(days=int(rng.integers(0, 12)))
+        if problem == "interval":
+            mri = ct_date + dt.timedelta(days=int(rng.integers(MAX_CT_MRI_DAYS + 5, 60)))
         rows.append(
             {
                 "patient_id": patient_id,
@@ -87,12 +111,50 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
                 "level": level,
                 "label": f.label,
                 "ct_date": ct_date.isoformat(),
-                "etiology": "osteoporotic",
+                "etiology": "malignancy" if problem == "etiology" else "osteoporotic",
                 "ct_series_uid": "",
             }
         )
         truth.append({"patient_id": patient_id, "level": level, **asdict(f)})
-    return rows, {"patient_id": patient_id, "center": center, "visible_levels": visible, "fractures": truth}
+    if problem == "age":
+        for r in rows:
+            r["age"] = int(rng.integers(MIN_AGE - 10, MIN_AGE))
+    planted = {r["level"]: problem for r in rows} if problem in ROW_PROBLEMS else {}
+    if problem == "level_not_in_fov":  # a row naming a level the scan does not reach
+        far = LEVEL_ORDER[max(LEVEL_ORDER.index(visible[0]) - 4, 0)]
+        rows.append({**rows[0], "level": far, "label": str(rng.choice(["acute", "chronic"]))})
+        planted[far] = problem
+    return rows, {
+        "patient_id": patient_id,
+        "center": center,
+        "visible_levels": visible,
+        "fractures": truth,
+        "planted": planted,  # level -> the exclusion the reader must find for that row
+    }
+
+
+def _add_cement(ideal: np.ndarray, labels: np.ndarray, grid, levels: list[str]) -> None:
+    """Vertebroplasty: a cement cast (PMMA with barium, ~2800 HU) inside each fractured body."""
+    xx, yy, zz = np.meshgrid(grid.x, grid.y, grid.z, indexing="ij")
+    for level in levels:
+        body = labels == LEVEL_IDS[level]
+        if not body.any():
+            continue
+        c = [a[body].mean() for a in (xx, yy, zz)]
+        blob = body & ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * 1.5) ** 2 < 8.0**2)
+        ideal[blob] = 2800.0
+
+
+def _assign_problems(plant: dict, n_patients: int, seed: int) -> dict[int, str]:
+    """Patient index -> planted exclusion; `plant` says how many patients of each center get each."""
+    unknown = set(plant) - set(PLANTABLE)
+    if unknown:
+        raise ConfigError(f"synthetic.plant: unknown problem(s) {sorted(unknown)}; plantable: {', '.join(PLANTABLE)}")
+    wanted = [code for code in PLANTABLE for _ in range(int(plant.get(code, 0)))]
+    if len(wanted) > n_patients:
+        raise ConfigError(f"synthetic.plant asks for {len(wanted)} problem patients per center but there are {n_patients}")
+    chosen = np.random.default_rng([seed, 99]).permutation(n_patients)[: len(wanted)]
+    return {int(i): code for i, code in zip(chosen, wanted)}
 
 
 def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True, **cfg) -> Path:
@@ -107,6 +169,8 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     centers = list(cfg["centers"])
+    problems = _assign_problems(cfg.get("plant") or {}, cfg["patients_per_center"], cfg["seed"])
+    orientations = cfg.get("mask_orientations", ["LPS"])
     jobs = [
         {
             "cfg": cfg,
@@ -114,7 +178,8 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
             "center": center,
             "center_index": c_idx,
             "patient_index": p_idx,
-            "mask_orientation": cfg.get("mask_orientations", ["LPS"])[c_idx % len(cfg.get("mask_orientations", ["LPS"]))],
+            "mask_orientation": orientations[c_idx % len(orientations)],
+            "problem": problems.get(p_idx),
         }
         for c_idx, center in enumerate(centers)
         for p_idx in range(cfg["patients_per_center"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from ovcf.synth.phantom import Grid
 from ovcf.synth.scanner import Scanner
@@ -55,6 +55,7 @@ def write_ct_series(
     header: PatientHeader,
     series_number: int = 2,
     rescale_intercept: float = -1024.0,
+    modality: str = "CT",
 ) -> str:
     """Writes the axial series, head-first or feet-first as the scanner's profile says.
 
@@ -70,12 +71,13 @@ def write_ct_series(
     series_uid = uid(header.uid_seed, f"series{series_number}")
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.Modality = "CT"
+    ds.SOPClassUID = sop_class
+    ds.Modality = modality
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.PatientID = header.patient_id
     ds.PatientName = header.name

@@ -34,6 +34,11 @@ def test_missing_cohort_folder(cli_env, tmp_path):
     assert str(tmp_path / "nope") in line and "data.cohort" in line
 
 
+def test_ingest_of_a_missing_folder(cli_env, tmp_path):
+    line = _one_line_error(run_cli("ovcf.ingest", [f"cohort={tmp_path / 'nope'}"], cli_env, tmp_path))
+    assert str(tmp_path / "nope") in line and "cohort=" in line
+
+
 def test_missing_required_column(cli_env, tmp_path):
     cohort = tmp_path / "cohort"
     (cohort / "dicom").mkdir(parents=True)

@@ -96,6 +96,7 @@ def test_no_phi_in_anything_the_pipeline_writes(tiny_cohort, tmp_path):
     common = [f"paths.log_dir={written / 'logs'}"]
     ingest = run_cli("ovcf.ingest", [f"cohort={cohort}", "val_fraction=0.5", "progress=false", *common], env, tmp_path)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
+    assert "flow.md" in ingest.stdout and "splits.json" in ingest.stdout and "included" in ingest.stdout
     train = run_cli(
         "ovcf.train",
         ["debug=smoke", "logger=wandb", f"data.cohort={cohort}", "data.val_fraction=0.5", "data.progress=false", *common],

@@ -189,3 +189,27 @@ def test_whole_folder_scan_never_crashes():
         outcomes[code] = outcomes.get(code, 0) + 1
     assert counts["image"] > 100 and counts["dicomdir"] == 7
     assert outcomes["load"] > 20 and set(outcomes) <= {"load", *SERIES_PROBLEMS}
+
+
+def test_ct_based_checks_on_real_anatomy():
+    """TotalSegmentator's real abdomen CT (no implants, normal dose) with its vertebral-body labels:
+    no implant or noise exclusion; a level removed from the mask is re-found near its true centre,
+    and a level far above the scan is out of view."""
+    from ovcf.data.quality import QualityChecks, implant_ml, level_voxels, locate_level, noise_hu
+
+    ref = REAL / "totalsegmentator/tests/reference_files"
+    ct = load_nifti(ref / "example_ct.nii.gz")
+    labels = mask_on_ct(load_nifti(ref / "spine_report/test_result/totalseg_vertebrae_pp_refined.nii.gz"), ct, "seg")
+    ct = ct.canonical()
+    q = QualityChecks()
+    by_id = level_voxels(labels)
+    assert set(by_id) >= {19, 20, 21, 22, 23, 24}  # T12 .. L5
+    for level in ("T12", "L1", "L2", "L3", "L4", "L5"):
+        voxels, centre = locate_level(by_id, ct, level)
+        assert implant_ml(ct, voxels, q) < q.implant_min_ml, level
+        assert 0 < noise_hu(ct, voxels, q) < q.max_noise_hu, level
+    truth = ct.world(by_id[21].mean(0))  # L2
+    without = {k: v for k, v in by_id.items() if k != 21}
+    voxels, estimate = locate_level(without, ct, "L2")
+    assert voxels is None and np.linalg.norm(estimate - truth) < 12.0
+    assert locate_level(by_id, ct, "T5") == (None, None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
@@ -76,6 +77,12 @@ def _float(value, default: float | None = None) -> float | None:
     return out if np.isfinite(out) else default
 
 
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _text(value) -> str:
     return "" if value is None else str(value).strip().strip("\x00").strip()
 
@@ -119,6 +126,29 @@ def _native_pixels(ds, data: bytes, pos: int, transfer_syntax: str) -> tuple[int
     return start, f"<{'i' if signed else 'u'}{bits // 8}"
 
 
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"}
+
+
+def _get(ds, keyword: str):
+    """A plain-text tag's value straight from its raw bytes (a str, or a list for several values).
+
+    pydicom's conversion validates and wraps every value; for the two dozen tags of every slice
+    of a large export that costs more than parsing the file. Other VRs go through pydicom.
+    """
+    tag = tag_for_keyword(keyword)
+    try:
+        elem = ds.get_item(tag)
+    except KeyError:
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)) and (elem.VR or dictionary_VR(tag)) in _TEXT_VRS:
+        text = bytes(value).decode("latin-1").strip("\x00 ")
+        return text.split("\\") if "\\" in text else text
+    return ds.get(keyword)
+
+
 def _group_item(ds, frame: int, sequence: str, attr: str):
     """`attr` from the per-frame functional group of `frame`, else from the shared group."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
@@ -150,7 +180,7 @@ def read_header(path: str) -> tuple[list[SliceHeader], str]:
 
 def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[SliceHeader], str]:
     meta = getattr(ds, "file_meta", None)
-    sop_class = _text(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None))
+    sop_class = _text(_get(ds, "SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None))
     if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
         return [], "dicomdir"
     ts = _text(meta.get("TransferSyntaxUID")) if meta else "1.2.840.10008.1.2"
@@ -158,9 +188,9 @@ def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[Sli
     has_pixels = ts == "1.2.840.10008.1.2.1.99" or data[pos : pos + 2] in (b"\xe0\x7f", b"\x7f\xe0")
     if "Rows" not in ds or "Columns" not in ds or not has_pixels:
         return [], "no_pixels" if (sop_class or "Modality" in ds) else "non_dicom"
-    series_uid = _text(ds.get("SeriesInstanceUID"))
-    series_number = _text(ds.get("SeriesNumber"))
-    modality = _text(ds.get("Modality")).upper()
+    series_uid = _text(_get(ds, "SeriesInstanceUID"))
+    series_number = _text(_get(ds, "SeriesNumber"))
+    modality = _text(_get(ds, "Modality")).upper()
     padding = ds.get("PixelPaddingValue")
     limit = ds.get("PixelPaddingRangeLimit")
     padding = (padding, limit if isinstance(limit, int) else padding) if isinstance(padding, int) else None
@@ -168,44 +198,56 @@ def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[Sli
         bits = int(ds.get("BitsAllocated") or 16)
         padding = tuple(v - (1 << bits) if v >= 1 << (bits - 1) else v for v in padding)
     if not series_uid:  # empty or missing UID: series number, modality and frame of reference stand in
-        series_uid = f"(no UID) #{series_number}/{modality}/{_text(ds.get('FrameOfReferenceUID'))}"
+        series_uid = f"(no UID) #{series_number}/{modality}/{_text(_get(ds, 'FrameOfReferenceUID'))}"
     common = dict(
         path=path,
         digest=digest,
         patient_id=_text(ds.get("PatientID")).replace(" ", ""),
-        study_uid=_text(ds.get("StudyInstanceUID")),
+        study_uid=_text(_get(ds, "StudyInstanceUID")),
         series_uid=series_uid,
         series_number=series_number,
         modality=modality,
         shape=(int(ds.Rows), int(ds.Columns)),
-        image_type=tuple(_text(v).upper() for v in (ds.get("ImageType") or ())),
-        date=_text(ds.get("AcquisitionDate") or ds.get("StudyDate") or ds.get("SeriesDate")),
+        image_type=tuple(_text(v).upper() for v in _as_list(_get(ds, "ImageType"))),
+        date=_text(_get(ds, "AcquisitionDate") or _get(ds, "StudyDate") or _get(ds, "SeriesDate")),
         transfer_syntax=ts,
-        sop_uid=_text(ds.get("SOPInstanceUID")),
+        sop_uid=_text(_get(ds, "SOPInstanceUID")),
         modality_lut="ModalityLUTSequence" in ds,
-        tilt=_float(ds.get("GantryDetectorTilt"), 0.0),
+        tilt=_float(_get(ds, "GantryDetectorTilt"), 0.0),
         bits_stored=int(ds.get("BitsStored") or 16),
         samples=int(ds.get("SamplesPerPixel") or 1),
-        photometric=_text(ds.get("PhotometricInterpretation")).upper(),
+        photometric=_text(_get(ds, "PhotometricInterpretation")).upper(),
         padding=None if padding is None else tuple(sorted(padding)),
-        lossy=_text(ds.get("LossyImageCompression")) == "01",
+        lossy=_text(_get(ds, "LossyImageCompression")) == "01",
     )
-    frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
+    frames = int(_float(_get(ds, "NumberOfFrames"), 1) or 1)
     if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        if frames > _max_frames(ds, data, pos, ts):  # a corrupt count must not expand into millions of slices
+            return [], "no_pixels"
         return [_frame(ds, i, frames, common) for i in range(frames)], "image"
-    slope, intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+    slope, intercept = _float(_get(ds, "RescaleSlope"), 1.0), _float(_get(ds, "RescaleIntercept"), 0.0)
     offset, dtype = _native_pixels(ds, data, pos, common["transfer_syntax"]) if not common["modality_lut"] else (-1, "")
     header = SliceHeader(
         **common,
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-        thickness=_float(ds.get("SliceThickness")),
+        orientation=_floats(_get(ds, "ImageOrientationPatient"), 6),
+        position=_floats(_get(ds, "ImagePositionPatient"), 3),
+        pixel_spacing=_floats(_get(ds, "PixelSpacing"), 2),
+        thickness=_float(_get(ds, "SliceThickness")),
         rescale=(slope, intercept),
         pixel_offset=offset,
         pixel_dtype=dtype,
     )
     return [header], "image"
+
+
+def _max_frames(ds, data: bytes, pos: int, ts: str) -> int:
+    """How many frames the file can hold: its per-frame groups, or what its pixel bytes allow."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return len(ds.PerFrameFunctionalGroupsSequence)
+    if ts in UNCOMPRESSED:
+        samples, depth = int(ds.get("SamplesPerPixel") or 1), max(int(ds.get("BitsAllocated") or 16) // 8, 1)
+        return (len(data) - pos) // max(int(ds.Rows) * int(ds.Columns) * samples * depth, 1)
+    return 5000
 
 
 def _frame(ds, i: int, frames: int, common: dict) -> SliceHeader:

@@ -26,7 +26,7 @@ from ovcf.data.clinical import ClinicalRow, check_clinical, read_clinical
 from ovcf.data.dicom import list_files, read_header
 from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
-from ovcf.data.quality import QualityChecks, estimate_centre, implant_ml, locate_level, noise_hu
+from ovcf.data.quality import QualityChecks, implant_ml, level_voxels, locate_level, noise_hu
 from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
 from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi
 from ovcf.errors import CohortError
@@ -69,7 +69,10 @@ def check_cohort(cohort: Path) -> Path:
     """Resolves the folder and checks the contract's top-level layout, naming what is missing."""
     cohort = Path(cohort).expanduser().resolve()
     if not cohort.is_dir():
-        raise CohortError(f"cohort folder {cohort} does not exist: set data.cohort to a folder with clinical.csv and dicom/")
+        raise CohortError(
+            f"cohort folder {cohort} does not exist: set data.cohort (ovcf.train) or cohort= (ovcf.ingest) "
+            "to a folder with clinical.csv and dicom/"
+        )
     check_clinical(cohort / CLINICAL_CSV)
     if not (cohort / DICOM_DIR).is_dir():
         raise CohortError(f"{cohort / DICOM_DIR} not found: a cohort folder needs the DICOM export under dicom/")
@@ -204,27 +207,29 @@ def _work(p: _Patient) -> None:
 
     q = checks.quality
     slice_mm = float(volume.spacing.max())
+    by_id = level_voxels(labels)
     for r in p.rows:
-        voxels, where = locate_level(labels, volume, r.level)
-        if where == "outside":
+        voxels, centre = locate_level(by_id, volume, r.level)
+        if centre is None:
             p.add(r.row, "level_not_in_fov", f"level {r.level} is outside the CT's field of view")
             continue
-        if where == "estimated":
-            centre = estimate_centre(labels, volume, r.level)
+        if voxels is None:  # in view, but the mask lacks it: a box around the estimated centre
             index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
             half = 15.0 / volume.spacing
-            voxels = np.array([index - half, index + half]).round().astype(int)
+            box = np.array([index - half, index + half]).round().astype(int)
+            box = np.clip(box, 0, np.array(labels.shape) - 1)
             p.add(
                 r.row,
                 note=f"level {r.level} is in view but not in the mask; ROI centred on its estimated position",
                 flag="level_mask_missing",
             )
         else:
-            centre = volume.world(voxels.mean(axis=0))
-        dense = implant_ml(volume, voxels, q)
+            box = voxels
+        dense = implant_ml(volume, box, q)
         if dense >= q.implant_min_ml:
             p.add(r.row, "implant", f"{dense:.2f} ml above {q.implant_hu:g} HU in or next to {r.level} (cement or metal)")
-        noise = noise_hu(volume, voxels, q)
+        noise = noise_hu(volume, box, q)
+        p.results[r.row]["qc"] = {"implant_ml": round(dense, 3), "noise_hu": round(noise, 1), "slice_mm": round(slice_mm, 2)}
         if noise > q.max_noise_hu:
             p.add(r.row, "image_quality", f"soft-tissue noise {noise:.0f} HU exceeds {q.max_noise_hu:g} HU")
         if slice_mm > q.max_slice_mm:
@@ -232,7 +237,7 @@ def _work(p: _Patient) -> None:
         if p.results[r.row]["reasons"]:
             continue
         level_mask = np.zeros(labels.shape, np.float32)
-        if where == "mask":
+        if voxels is not None:
             level_mask[tuple(voxels.T)] = 1.0
         image = resample_roi(volume, centre, roi.size, roi.spacing)
         body = resample_roi(Volume(level_mask, volume.affine), centre, roi.size, roi.spacing, "nearest", 0.0)
@@ -264,6 +269,7 @@ def _finish(p: _Patient) -> dict:
                 "reasons": list(dict.fromkeys(res["reasons"])),
                 "flags": list(dict.fromkeys(res["flags"])),
                 "note": "; ".join(n for n in dict.fromkeys(res["notes"]) if n),
+                "qc": res.get("qc", {}),  # the measures behind implant and image_quality, to tune thresholds
             }
         )
     record = {"hash": p.job["hash"], "rows": rows, "series": p.series}
@@ -383,7 +389,7 @@ def ingest(
 
 def _write_index(path: Path, index: list[dict]) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in index:
             writer.writerow(

@@ -26,7 +26,7 @@ class QualityChecks:
     implant_min_ml: float = 0.1  # dense volume in and around the body that counts as an implant
     implant_margin_mm: float = 5.0  # "next to" the fractured body
     max_noise_hu: float = 80.0  # soft-tissue noise (robust SD of the in-plane high-pass) above this is inadequate
-    noise_margin_mm: float = 30.0  # noise is measured in soft tissue within this distance of the body
+    noise_margin_mm: float = 20.0  # noise is measured in soft tissue within this distance of the body
     max_slice_mm: float = 5.0  # slices further apart than this cannot show a fracture line
 
 
@@ -56,8 +56,8 @@ def noise_hu(volume: Volume, voxels: np.ndarray, checks: QualityChecks) -> float
     box = np.asarray(volume.array[_box(volume, voxels, checks.noise_margin_mm)], np.float32)
     if min(box.shape) < 3:
         return 0.0
-    smooth = ndimage.gaussian_filter(box, 2.0)
-    tissue = ndimage.binary_erosion((smooth > -150) & (smooth < 150), iterations=2)
+    smooth = ndimage.uniform_filter(box, 5)
+    tissue = ndimage.binary_erosion((smooth > -150) & (smooth < 150))
     if tissue.sum() < 200:
         return 0.0
     residual = (box - ndimage.uniform_filter(box, (3, 3, 1))) * np.sqrt(9 / 8)
@@ -65,31 +65,47 @@ def noise_hu(volume: Volume, voxels: np.ndarray, checks: QualityChecks) -> float
     return float(1.4826 * np.median(np.abs(r - np.median(r))))
 
 
-def locate_level(labels: np.ndarray, volume: Volume, level: str) -> tuple[np.ndarray | None, str]:
-    """Voxels of `level` in the mask, or where it should be when the mask lacks it.
+def level_voxels(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Voxel indices of every label, found within each label's bounding box (one pass over the mask)."""
+    out = {}
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            out[index] = np.argwhere(labels[box] == index) + [s.start for s in box]
+    return out
 
-    Returns (voxel indices of the body, "mask"), or (None, "estimated") with the estimate kept in
-    `estimate_centre`, or (None, "outside") when the level lies outside the CT's field of view.
+
+def locate_level(voxels_by_id: dict[int, np.ndarray], volume: Volume, level: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Voxel indices of `level`'s body and its RAS centre.
+
+    A level missing from the mask gets (None, estimated centre) from its labelled neighbours, or
+    (None, None) when that centre lies outside the CT's field of view.
     """
-    level_id = LEVEL_IDS.get(level)
-    voxels = np.argwhere(labels == level_id) if level_id is not None else np.empty((0, 3), int)
-    if len(voxels):
-        return voxels, "mask"
-    return None, "outside" if estimate_centre(labels, volume, level) is None else "estimated"
+    voxels = voxels_by_id.get(LEVEL_IDS.get(level, -1))
+    if voxels is not None and len(voxels):
+        return voxels, volume.world(voxels.mean(axis=0))
+    return None, estimate_centre(voxels_by_id, volume, level)
 
 
-def estimate_centre(labels: np.ndarray, volume: Volume, level: str) -> np.ndarray | None:
+def estimate_centre(voxels_by_id: dict[int, np.ndarray], volume: Volume, level: str) -> np.ndarray | None:
     """RAS centre of a level absent from the mask, from its labelled neighbours; None when out of view."""
-    present = {name: np.argwhere(labels == LEVEL_IDS[name]) for name in LEVEL_ORDER if name in LEVEL_IDS}
-    present = {k: volume.world(v.mean(0)) for k, v in present.items() if len(v)}
+    present = {name: voxels_by_id.get(LEVEL_IDS[name]) for name in LEVEL_ORDER}
+    present = {k: volume.world(v.mean(0)) for k, v in present.items() if v is not None and len(v)}
     if not present or level not in LEVEL_ORDER:
         return None
     order = np.array([LEVEL_ORDER.index(k) for k in present], float)
     centres = np.array(list(present.values()))
     target = LEVEL_ORDER.index(level)
     if len(present) >= 2:
-        fit = np.polyfit(order, centres, 1)  # straight line through the labelled centres
-        centre = fit[0] * target + fit[1]
+        # The spine curves: interpolate between the nearest labelled level above and below, or
+        # extrapolate from the two nearest on one side.
+        if (order < target).any() and (order > target).any():
+            above = int(np.argmax(np.where(order < target, order, -np.inf)))
+            below = int(np.argmin(np.where(order > target, order, np.inf)))
+            pick = [above, below]
+        else:
+            pick = list(np.argsort(np.abs(order - target))[:2])
+        (o1, o2), (c1, c2) = order[pick], centres[pick]
+        centre = c1 + (c2 - c1) * (target - o1) / (o2 - o1)
     else:
         centre = centres[0] + np.array([0.0, 0.0, -LEVEL_PITCH_MM * (target - order[0])])
     index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])

@@ -70,7 +70,9 @@ def mask_on_ct(mask: Volume, ct: Volume, name: str) -> np.ndarray:
         raise CohortError(
             f"mask {name} does not lie on its CT series' voxels (off by up to {offset:.3f} mm): resample it onto the CT grid"
         )
-    labels = np.rint(m.array).astype(np.int16)
+    if np.issubdtype(m.array.dtype, np.integer):
+        return m.array.astype(np.int16, copy=False)
+    labels = np.rint(m.array).astype(np.int16)  # float masks (VerSe stores float64) must hold whole numbers
     if not np.allclose(labels, m.array):
         raise CohortError(f"mask {name} holds non-integer labels; it must be a label map")
     return labels

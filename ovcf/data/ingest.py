@@ -292,6 +292,53 @@ def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | No
     return h.hexdigest()
 
 
+def _scan(cohort: Path, num_workers: int, progress: bool, pool) -> dict:
+    """Reads every file's header once: series per patient, and how many files of each kind."""
+    files = list_files(cohort / DICOM_DIR)
+    chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
+    scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress, pool)
+    all_series = group_series([h for hs, _ in scanned for h in hs])
+    by_patient: dict[str, list[Series]] = {}
+    for s in all_series:
+        by_patient.setdefault(s.patient_id, []).append(s)
+    return {
+        "files": len(files),
+        "kinds": sum((k for _, k in scanned), Counter()),
+        "series": len(all_series),
+        "by_patient": by_patient,
+    }
+
+
+def _jobs(
+    cohort: Path, rows: list[ClinicalRow], by_patient: dict, key: bytes, settings: str, roi, checks, out: Path
+) -> list[dict]:
+    """One job per patient of the CSV, with the content hash that decides whether its cache is fresh."""
+    patients: dict[str, list[ClinicalRow]] = {}
+    for r in rows:
+        patients.setdefault(r.patient_id, []).append(r)
+    for sub in ("samples", "patients"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for pid, prow in patients.items():
+        mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
+        mask = mask if mask.is_file() else None
+        series = by_patient.get(pid, [])
+        jobs.append(
+            {
+                "pseudonym": pseudonym(pid, key),
+                "hash": _patient_hash(prow, series, mask, settings),
+                "rows": prow,
+                "series": series,
+                "mask": mask,
+                "roi": roi,
+                "checks": checks,
+                "out": str(out),
+                "cohort": str(cohort),
+            }
+        )
+    return jobs
+
+
 def ingest(
     cohort: str | Path,
     cache_root: str | Path,
@@ -320,61 +367,32 @@ def ingest(
 
     rows = read_clinical(cohort / CLINICAL_CSV)
     with worker_pool(num_workers) as pool:  # workers start once for both passes
-        files = list_files(cohort / DICOM_DIR)
-        chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
-        scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress, pool)
-        headers = [h for hs, _ in scanned for h in hs]
-        kinds = sum((k for _, k in scanned), Counter())
-        by_patient: dict[str, list[Series]] = {}
-        all_series = group_series(headers)
-        for s in all_series:
-            by_patient.setdefault(s.patient_id, []).append(s)
-
-        patients: dict[str, list[ClinicalRow]] = {}
-        for r in rows:
-            patients.setdefault(r.patient_id, []).append(r)
-        for sub in ("samples", "patients"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        jobs, records = [], {}
-        for pid, prow in patients.items():
-            mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
-            mask = mask if mask.is_file() else None
-            series = by_patient.get(pid, [])
-            job = {
-                "pseudonym": pseudonym(pid, key),
-                "hash": _patient_hash(prow, series, mask, settings),
-                "rows": prow,
-                "series": series,
-                "mask": mask,
-                "roi": roi,
-                "checks": checks,
-                "out": str(out),
-                "cohort": str(cohort),
-            }
+        scan = _scan(cohort, num_workers, progress, pool)
+        records, jobs = {}, []
+        for job in _jobs(cohort, rows, scan["by_patient"], key, settings, roi, checks, out):
             done = out / "patients" / f"{job['pseudonym']}.json"
-            if done.exists():
-                record = json.loads(done.read_text())
-                if record.get("hash") == job["hash"]:
-                    records[job["pseudonym"]] = record
-                    continue
-            (out / "samples" / f"{job['pseudonym']}.npz").unlink(missing_ok=True)
-            jobs.append(job)
+            record = json.loads(done.read_text()) if done.exists() else {}
+            if record.get("hash") == job["hash"]:
+                records[job["pseudonym"]] = record
+            else:
+                (out / "samples" / f"{job['pseudonym']}.npz").unlink(missing_ok=True)
+                jobs.append(job)
         if jobs:
             for record in pool_map(_ingest_patient, jobs, num_workers, f"Ingesting {len(jobs)} patients", progress, pool):
                 records[record["rows"][0]["pseudonym"]] = record
-        for stale in (out / "patients").glob("*.json"):  # patients no longer in the cohort
-            if stale.stem not in records:
-                stale.unlink()
-                (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
+    for stale in (out / "patients").glob("*.json"):  # patients no longer in the cohort
+        if stale.stem not in records:
+            stale.unlink()
+            (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
     index = sorted((r for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
     _write_index(out / "index.csv", index)
     rejected = Counter(
         s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in ("used", "not a candidate")
     )
     totals = {
-        "files": len(files),
-        **{kind: kinds.get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
-        "series": len(all_series),
+        "files": scan["files"],
+        **{kind: scan["kinds"].get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
+        "series": scan["series"],
         "series_rejected": dict(sorted(rejected.items())),
         "patients_reused": len(records) - len(jobs),
         "patients_ingested": len(jobs),

@@ -20,6 +20,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
+from ovcf.data.rawdicom import RawHeader, read_raw_header
+
 FILE_KINDS = ("image", "non_dicom", "dicomdir", "no_pixels")
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 LOSSY_8BIT = {"1.2.840.10008.1.2.4.50"}  # JPEG baseline: 8 bits cannot hold HU
@@ -135,6 +137,8 @@ def _get(ds, keyword: str):
     pydicom's conversion validates and wraps every value; for the two dozen tags of every slice
     of a large export that costs more than parsing the file. Other VRs go through pydicom.
     """
+    if isinstance(ds, RawHeader):
+        return ds.text(keyword)
     tag = tag_for_keyword(keyword)
     try:
         elem = ds.get_item(tag)
@@ -169,7 +173,7 @@ def read_header(path: str) -> tuple[list[SliceHeader], str]:
     except OSError:
         return [], "non_dicom"
     try:
-        ds, pos = _parse(data)
+        ds, pos = read_raw_header(data) or _parse(data)  # the fast walker, else pydicom
     except Exception:  # noqa: BLE001 - a broken or foreign file raises anything; it is skipped and counted
         return [], "non_dicom"
     try:

@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> float:
         "fit_seconds": round(fit_seconds, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "splits.json").write_text(json.dumps(datamodule.splits, indent=1))  # which patients trained, validated, tested
     with open(out / "test_predictions.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["id", "label", "probability"])
         writer.writeheader()

@@ -7,6 +7,7 @@ import pytest
 from conftest import synthetic_params
 
 from ovcf.data import CohortDataModule
+from ovcf.data.ingest import read_index
 from ovcf.data.splits import patient_folds
 from ovcf.errors import ConfigError
 
@@ -60,6 +61,24 @@ def test_same_seed_same_split(tiny_cohort, tmp_path):
     b = _datamodule(tiny_cohort, tmp_path, seed=1)
     assert [r["row"] for r in a.datasets["val"].rows] == [r["row"] for r in b.datasets["val"].rows]
     assert all(np.array_equal(a.datasets[k].images, b.datasets[k].images) for k in a.datasets)
+
+
+def test_splits_json_holds_every_fold_and_is_reproducible(tiny_cohort, tmp_path):
+    import json
+
+    a = _datamodule(tiny_cohort, tmp_path, seed=2)
+    first = json.loads((a.cache / "splits.json").read_text())
+    dev_rows = {r["row"] for r in read_index(a.cache) if r["included"] and r["center"] == "A"}
+    folds = [set(f["rows"]) for f in first["folds"]]
+    assert len(folds) == 4 and set().union(*folds) == dev_rows and sum(map(len, folds)) == len(dev_rows)
+    assert folds[0] == {r["row"] for r in a.datasets["val"].rows}, "fold 0 validates"
+    assert set(first["test"]["rows"]) == {r["row"] for r in a.datasets["test"].rows}
+    for f in first["folds"]:  # a patient lies in one fold only
+        others = {p for g in first["folds"] if g is not f for p in g["patients"]}
+        assert not set(f["patients"]) & others
+    _datamodule(tiny_cohort, tmp_path, seed=3)
+    _datamodule(tiny_cohort, tmp_path, seed=2)
+    assert json.loads((a.cache / "splits.json").read_text()) == first
 
 
 def test_centers_can_be_swapped_and_a_wrong_name_lists_the_centers(tiny_cohort, tmp_path):

@@ -26,6 +26,9 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / results["best_checkpoint"]).is_file()
     assert (run / "csv" / "metrics.csv").is_file()
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["external_center"] == "B" and splits["test"]["rows"]
+    assert not set(splits["test"]["patients"]) & {p for f in splits["folds"] for p in f["patients"]}
 
     # A checkpoint loads without Hydra and predicts.
     model = ClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")

@@ -156,3 +156,29 @@ def test_real_ge_ct_with_padding_matches_simpleitk():
     assert padded.sum() > 1000
     assert np.all(ours_c.array[padded] == -1024.0)
     np.testing.assert_allclose(ours_c.array[~padded], ref_c.array[~padded], atol=0.5)
+
+
+def test_pir_float_mask_matches_through_world_coordinates(tiny_cohort):
+    """A mask stored PIR as float64 (as VerSe ships them) lands on the same CT voxels as the original."""
+    s = series_of(tiny_cohort)[0]
+    ct = load_series(s)
+    path = tiny_cohort / "masks" / f"{s.patient_id}.nii.gz"
+    img = nib.load(path)
+    pir = img.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt("PIR")))
+    assert nib.aff2axcodes(pir.affine) == ("P", "I", "R")
+    as_float = Volume(np.asarray(pir.dataobj).astype(np.float64), pir.affine)
+    np.testing.assert_array_equal(mask_on_ct(as_float, ct, "pir"), mask_on_ct(load_nifti(path), ct, "orig"))
+
+
+def test_real_verse_mask_reads_as_integer_labels():
+    """The real VerSe mask (PIR, float64): canonical RAS, whole-number VerSe ids T9..L5."""
+    from conftest import REAL
+
+    path = REAL / "verse" / "sub-verse004_seg-vert_msk.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"real test data not found at {path} (../shared/data/real beside the project)")
+    mask = load_nifti(path)
+    assert nib.aff2axcodes(mask.affine) == ("P", "I", "R")
+    ct_like = Volume(np.zeros(mask.canonical().array.shape, np.float32), mask.canonical().affine)  # a CT on its grid
+    labels = mask_on_ct(mask, ct_like, path.name)
+    assert set(np.unique(labels)) - {0} == set(range(16, 25))

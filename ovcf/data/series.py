@@ -29,6 +29,7 @@ SERIES_PROBLEMS = (
     "gantry_tilt",
     "not_grayscale",
     "lossy_8bit",
+    "low_bit_depth",
     "unsupported_transfer_syntax",
     "truncated",
     "undecodable",
@@ -133,8 +134,10 @@ def validate(series: Series, checks: SeriesChecks = SeriesChecks()) -> tuple[lis
     if first.samples != 1 or not first.photometric.startswith("MONOCHROME"):
         raise SeriesError("not_grayscale", f"{series.name} is {first.photometric or 'not'} colour, not a grayscale CT")
     ts = first.transfer_syntax
-    if ts in LOSSY_8BIT or first.bits_stored <= 8:
-        raise SeriesError("lossy_8bit", f"{series.name} holds 8-bit pixels (transfer syntax {ts}), which cannot carry HU")
+    if ts in LOSSY_8BIT:
+        raise SeriesError("lossy_8bit", f"{series.name} was compressed to 8 bits (JPEG baseline), which cannot carry HU")
+    if first.bits_stored <= 8:
+        raise SeriesError("low_bit_depth", f"{series.name} stores {first.bits_stored}-bit pixels, too few for HU")
     if ts in LOSSY or first.lossy:
         series.notes.append("lossy_compression: the pixels were lossy-compressed; HU are approximate")
     if ts not in UNCOMPRESSED:

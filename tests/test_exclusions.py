@@ -34,13 +34,14 @@ def planted(tmp_path_factory):
     truth = json.loads((out / "synth.json").read_text())["patients"]
     clean = [p for p in truth if not p["planted"]]
     # Export clutter around the first clean patient: none of it may exclude anyone.
-    folder = next((out / "dicom").glob(f"{clean[0]['center']}_*/study1/series2"))
-    for candidate in sorted((out / "dicom").glob("*/study1/series2")):
+    folder = None
+    for candidate in sorted((out / "dicom").glob("*/*/2_spine")):
         first = sorted(candidate.iterdir())[0]
         if clean[0]["patient_id"].encode() in first.read_bytes()[:3000]:
             folder = candidate
             break
     slices = sorted(folder.iterdir())
+    assert folder is not None
     shutil.copyfile(slices[3], folder / "COPY0003")  # exact duplicate, no extension
     raw = slices[5].read_bytes()
     slices[5].write_bytes(raw[132:])  # no preamble, no "DICM"
@@ -79,7 +80,7 @@ def test_every_planted_exclusion_is_caught_and_nothing_else(planted, tmp_path):
     planted_rows = [by_patient[raw["patient_id"]]["planted"].get(raw["level"]) for raw in csv_rows]
     assert totals["excluded_by_reason"] == {code: planted_rows.count(code) for code in EXCLUSION_CODES}
     assert {p["center"] for p in truth if "implant" in p["planted"].values()} == {"A", "B"}  # one patient per center
-    assert totals["files"]["non_dicom"] >= 1
+    assert totals["files"]["non_dicom"] >= 2  # the export's log file and the README planted here
     assert (cache / "flow.md").read_text().count("implant") >= 1 and (cache / "flow.png").stat().st_size > 10_000
     clutter = [r for r, raw in zip(index, csv_rows) if raw["patient_id"] == clean[0]["patient_id"]]
     assert all(r["included"] for r in clutter)

@@ -46,9 +46,9 @@ def _plant(src, dst) -> dict[str, str]:
         writer.writerows(rows)
     for old, new in ids.items():
         os.replace(dst / "masks" / f"{old}.nii.gz", dst / "masks" / f"{new}.nii.gz")
-    for folder in sorted((dst / "dicom").iterdir()):
+    for folder in sorted(p for p in (dst / "dicom").iterdir() if p.is_dir()):
         new_id = None
-        for path in sorted(folder.rglob("*.dcm")):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             ds = pydicom.dcmread(path)
             new_id = ids[str(ds.PatientID)]
             ds.PatientID = new_id

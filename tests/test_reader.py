@@ -29,8 +29,32 @@ def sitk_volume(files: list[str]) -> Volume:
 
 
 def series_of(cohort: Path):
+    """The CT series ingest would choose, one per patient (exports also hold scouts and MRI)."""
     headers = [h for path in list_files(cohort / "dicom") for h in read_header(path)[0]]
-    return group_series(headers)
+    by_patient: dict[str, list] = {}
+    for s in group_series(headers):
+        by_patient.setdefault(s.patient_id, []).append(s)
+    return [choose_ct(series) for series in by_patient.values()]
+
+
+def test_export_clutter_is_skipped_and_the_thin_ct_chosen(tmp_path):
+    """Scout, MRI, a thick second CT, files without extension, a text file: ingest picks the thin CT."""
+    from conftest import synthetic_params
+
+    from ovcf.synth.cohort import generate_cohort
+
+    params = synthetic_params(patients_per_center=1, n_levels=[5, 5], export={"thick_ct_fraction": 1.0})
+    cohort = generate_cohort(tmp_path / "c", num_workers=2, progress=False, **params)
+    kinds = [read_header(p)[1] for p in list_files(cohort / "dicom")]
+    assert kinds.count("non_dicom") == 1
+    assert any(not Path(p).suffix for p in list_files(cohort / "dicom")), "center B exports files without extension"
+    headers = [h for p in list_files(cohort / "dicom") for h in read_header(p)[0]]
+    series = group_series(headers)
+    found = sorted({(s.modality, s.slices[0].series_number) for s in series})
+    assert found == [("CT", "1"), ("CT", "2"), ("CT", "4"), ("MR", "5")]  # scout, thin CT, thick CT, MRI
+    for pid in {s.patient_id for s in series}:
+        chosen = choose_ct([s for s in series if s.patient_id == pid])
+        assert chosen.slices[0].series_number == "2" and chosen.slices[0].thickness < 5
 
 
 def test_generated_series_match_simpleitk(tiny_cohort):
@@ -109,9 +133,10 @@ def test_pydicom_ct_small_matches_simpleitk():
 
 
 def test_choose_ct_prefers_named_then_most_slices(tiny_cohort):
-    everything = series_of(tiny_cohort)
-    series = [s for s in everything if s.patient_id == everything[0].patient_id]
-    assert choose_ct(series) is series[0]
+    headers = [h for path in list_files(tiny_cohort / "dicom") for h in read_header(path)[0]]
+    everything = group_series(headers)
+    series = [s for s in everything if s.patient_id == everything[0].patient_id and s.modality == "CT" and not s.is_localizer]
+    assert choose_ct(everything) in everything and choose_ct(series) is series[0]
     assert choose_ct(series, "1.2.3.does.not.exist") is None
     assert choose_ct(series, series[0].series_uid) is series[0]
 

@@ -153,7 +153,12 @@ def _ingest_patient(job: dict) -> dict:
     return _finish(p)
 
 
-def _choose_and_load(p: _Patient, checks: IngestChecks) -> tuple[Series, Volume] | None:
+def _choose_and_load(p: _Patient, checks: IngestChecks, mask: Volume | None) -> tuple[Series, Volume, np.ndarray | None] | None:
+    """The first candidate CT that loads and, when there is a mask, carries it on its voxels.
+
+    A mask is drawn on one series: if the preferred series is unreadable, a second series (e.g. a
+    thick recon) is used only when the mask fits it too; otherwise the patient is `unreadable`.
+    """
     named = p.rows[0].ct_series_uid or None
     candidates = ct_candidates(p.job["series"], named)
     for s in p.job["series"]:
@@ -163,46 +168,53 @@ def _choose_and_load(p: _Patient, checks: IngestChecks) -> tuple[Series, Volume]
         what = "the series named in ct_series_uid is not in the export" if named else "no axial CT series in the export"
         p.add(None, "no_ct", what)
         return None
-    problems = []
+    problems, mismatches = [], []
     for s in candidates:
         try:
             volume = load_series(s, checks.series).canonical()
+            labels = None if mask is None else mask_on_ct(mask, volume, f"mask of {p.job['pseudonym']}")
         except SeriesError as exc:
             p.series.append({"series": s.name, "status": exc.code, "notes": [*s.notes, p.scrub(str(exc))]})
             problems.append(f"{exc.code}: {exc}")
             continue
+        except CohortError as exc:  # the mask does not lie on this series
+            p.series.append({"series": s.name, "status": "mask_mismatch", "notes": [*s.notes, p.scrub(str(exc))]})
+            mismatches.append(str(exc))
+            continue
         p.series.append({"series": s.name, "status": "used", "notes": s.notes})
+        for other in candidates[candidates.index(s) + 1 :]:
+            p.series.append({"series": other.name, "status": "candidate, not used", "notes": other.notes})
         for note in s.notes:
             p.add(None, note=note, flag=note.split(":")[0])
-        if problems:
-            p.add(None, note="preferred series rejected: " + " | ".join(problems), flag="series_fallback")
-        return s, volume
-    p.add(None, "unreadable", "no usable CT series: " + " | ".join(problems))
+        if problems or mismatches:
+            p.add(None, note="preferred series rejected: " + " | ".join(problems + mismatches), flag="series_fallback")
+        return s, volume, labels
+    if problems:
+        p.add(None, "unreadable", "no usable CT series: " + " | ".join(problems + mismatches))
+    else:
+        p.add(None, "mask_mismatch", " | ".join(mismatches))
     return None
 
 
 def _work(p: _Patient) -> None:
     job, checks, roi = p.job, p.job["checks"], p.job["roi"]
-    chosen = _choose_and_load(p, checks)
+    mask = None
+    if job["mask"] is not None:
+        try:
+            mask = load_nifti(job["mask"])
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
+            p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}")
+            return
+    chosen = _choose_and_load(p, checks, mask)
     if chosen is None:
         return
-    ct, volume = chosen
+    ct, volume, labels = chosen
     dicom_date = _parse_dicom_date(ct.slices[0].date)
     for r in p.rows:  # without ct_date in the CSV, the interval uses the series' DICOM date
         if r.ct_date is None and "interval" in r.exclusions(dicom_date):
             p.add(r.row, "interval", f"CT (DICOM date) and MRI more than {MAX_CT_MRI_DAYS} days apart")
-
-    labels = None
-    if job["mask"] is None:
-        p.add(None, "no_mask", "no mask file: this patient needs a predicted mask", flag="no_mask")
-    else:
-        try:
-            labels = mask_on_ct(load_nifti(job["mask"]), volume, f"mask of {job['pseudonym']}")
-        except CohortError as exc:
-            p.add(None, "mask_mismatch", str(exc))
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
-            p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}")
     if labels is None:
+        p.add(None, "no_mask", "no mask file: this patient needs a predicted mask", flag="no_mask")
         return
 
     q = checks.quality
@@ -387,7 +399,10 @@ def ingest(
     index = sorted((r for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
     _write_index(out / "index.csv", index)
     rejected = Counter(
-        s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in ("used", "not a candidate")
+        s["status"]
+        for rec in records.values()
+        for s in rec["series"]
+        if s["status"] not in ("used", "not a candidate", "candidate, not used")
     )
     totals = {
         "files": scan["files"],

@@ -28,7 +28,7 @@ from ovcf.contract import (
 from ovcf.errors import ConfigError
 from ovcf.parallel import pool_map
 from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
-from ovcf.synth.export import PatientHeader, write_ct_series, write_mask
+from ovcf.synth.export import PatientHeader, write_ct_series, write_localizer, write_mask, write_mr_series
 from ovcf.synth.phantom import render
 from ovcf.synth.scanner import Scanner, acquire, make_grid
 
@@ -39,6 +39,8 @@ _INSTITUTIONS = {0: "Synthetic University Hospital", 1: "Phantom General Hospita
 PLANTABLE = EXCLUSION_CODES  # every protocol exclusion can be planted
 ROW_PROBLEMS = ("age", "etiology", "interval", "no_ct", "implant", "image_quality", "unreadable")  # exclude all rows
 PLANTED_NOISE_HU = 150.0
+THICK_MM = 5.0
+EXPORT_DEFAULTS = {"localizer": True, "mr_series": True, "thick_ct_fraction": 0.2, "extensions": [".dcm", ""]}
 
 
 def _patient(job: dict) -> tuple[list[dict], dict]:
@@ -87,11 +89,25 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
         uid_seed=f"{cfg['seed']}-{center}-{p_idx}",
     )
     out = Path(job["out"])
-    folder = out / DICOM_DIR / f"{center}_{p_idx:04d}" / "study1" / "series2"
-    write_ct_series(folder, hu, grid, scanner, header, modality="MR" if problem == "no_ct" else "CT")
-    if problem == "unreadable":  # an export interrupted mid-transfer: one slice lost half its pixels
-        victim = sorted(folder.iterdir())[len(list(folder.iterdir())) // 2]
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    export = {**EXPORT_DEFAULTS, **(cfg.get("export") or {})}
+    extension = export["extensions"][c_idx % len(export["extensions"])]
+    study = out / DICOM_DIR / f"{center}_{p_idx:04d}" / header.study_date
+    if problem != "no_ct":  # the no_ct patient's export holds only the MRI
+        if export["localizer"]:
+            write_localizer(study / "1_topogram", hu, grid, scanner, header, extension)
+        folder = study / "2_spine"
+        write_ct_series(folder, hu, grid, scanner, header, extension=extension)
+        if problem == "unreadable":  # an export interrupted mid-transfer: one slice lost half its pixels
+            victim = sorted(folder.iterdir())[len(list(folder.iterdir())) // 2]
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        if scanner_rng.random() < export["thick_ct_fraction"]:  # a soft-tissue recon in thick slices
+            thick, thick_grid = _thick_slices(hu, grid, THICK_MM)
+            thick_scanner = replace(scanner, slice_thickness=THICK_MM, slice_spacing=THICK_MM, sharpen=0.0)
+            write_ct_series(
+                study / "4_soft", thick, thick_grid, thick_scanner, header, 4, extension=extension, description="Abdomen 5.0"
+            )
+    if export["mr_series"] or problem == "no_ct":
+        write_mr_series(study / "5_mr", hu, grid, scanner, header, extension)
     write_mask(out / MASKS_DIR / f"{patient_id}.nii.gz", labels, grid, job["mask_orientation"])
 
     rows, truth = [], []
@@ -131,6 +147,15 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
         "fractures": truth,
         "planted": planted,  # level -> the exclusion the reader must find for that row
     }
+
+
+def _thick_slices(hu: np.ndarray, grid, thickness: float):
+    """Averages the thin slices into slabs `thickness` mm thick, edge to edge (a second, thick recon)."""
+    n = max(int(round(thickness / grid.spacing[2])), 1)
+    slabs = hu.shape[2] // n
+    thick = hu[:, :, : slabs * n].reshape(hu.shape[0], hu.shape[1], slabs, n).mean(axis=3)
+    z = grid.z[: slabs * n].reshape(slabs, n).mean(axis=1)
+    return thick, replace(grid, z=z)
 
 
 def _add_cement(ideal: np.ndarray, labels: np.ndarray, grid, levels: list[str]) -> None:
@@ -186,6 +211,7 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
     ]
     results = pool_map(_patient, jobs, num_workers, "Generating phantoms", progress)
 
+    (out / DICOM_DIR / "export_log.txt").write_text("PACS export finished; files per patient folder.\n")  # not DICOM
     with open(out / CLINICAL_CSV, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()

@@ -10,29 +10,13 @@ import json
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ovcf.cli import check_overrides, config_dir, guarded
-from ovcf.data import CohortDataModule
 
 
 def ingest(cfg: DictConfig) -> dict:
-    dm = CohortDataModule(
-        cohort=cfg.cohort,
-        synthetic=OmegaConf.to_container(cfg.synthetic, resolve=True),
-        data_dir=cfg.paths.data_dir,
-        cache_dir=cfg.paths.cache_dir,
-        key_file=cfg.paths.key_file,
-        dev_center=cfg.dev_center,
-        external_center=cfg.external_center,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        roi_size=cfg.roi_size,
-        roi_spacing=cfg.roi_spacing,
-        ingest=OmegaConf.to_container(cfg.ingest, resolve=True),
-        ingest_workers=cfg.workers,
-        progress=cfg.progress,
-    )
+    dm = hydra.utils.instantiate(cfg.data)  # the same DataModule config as ovcf.train: the same cache
     dm.prepare_data()
     flow = json.loads((dm.cache / "flow.json").read_text())
     t = flow["totals"]

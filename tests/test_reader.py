@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
 from ovcf.data.dicom import list_files, read_header
-from ovcf.data.series import SeriesChecks, choose_ct, group_series, load_series
+from ovcf.data.series import SeriesChecks, ct_candidates, group_series, load_series
 from ovcf.data.volume import LPS_TO_RAS, Volume, load_nifti, mask_on_ct, resample_roi
 from ovcf.errors import CohortError
 
@@ -34,7 +34,7 @@ def series_of(cohort: Path):
     by_patient: dict[str, list] = {}
     for s in group_series(headers):
         by_patient.setdefault(s.patient_id, []).append(s)
-    return [choose_ct(series) for series in by_patient.values()]
+    return [ct_candidates(series)[0] for series in by_patient.values()]
 
 
 def test_export_clutter_is_skipped_and_the_thin_ct_chosen(tmp_path):
@@ -53,7 +53,7 @@ def test_export_clutter_is_skipped_and_the_thin_ct_chosen(tmp_path):
     found = sorted({(s.modality, s.slices[0].series_number) for s in series})
     assert found == [("CT", "1"), ("CT", "2"), ("CT", "4"), ("MR", "5")]  # scout, thin CT, thick CT, MRI
     for pid in {s.patient_id for s in series}:
-        chosen = choose_ct([s for s in series if s.patient_id == pid])
+        chosen = ct_candidates([s for s in series if s.patient_id == pid])[0]
         assert chosen.slices[0].series_number == "2" and chosen.slices[0].thickness < 5
 
 
@@ -132,13 +132,13 @@ def test_pydicom_ct_small_matches_simpleitk():
     np.testing.assert_allclose(vol.array[:, :, 0], hu.T)
 
 
-def test_choose_ct_prefers_named_then_most_slices(tiny_cohort):
+def test_ct_candidates_prefer_named_then_most_slices(tiny_cohort):
     headers = [h for path in list_files(tiny_cohort / "dicom") for h in read_header(path)[0]]
     everything = group_series(headers)
     series = [s for s in everything if s.patient_id == everything[0].patient_id and s.modality == "CT" and not s.is_localizer]
-    assert choose_ct(everything) in everything and choose_ct(series) is series[0]
-    assert choose_ct(series, "1.2.3.does.not.exist") is None
-    assert choose_ct(series, series[0].series_uid) is series[0]
+    assert ct_candidates(everything)[0] in everything and ct_candidates(series)[0] is series[0]
+    assert ct_candidates(series, "1.2.3.does.not.exist") == []
+    assert ct_candidates(series, series[0].series_uid)[0] is series[0]
 
 
 def test_non_dicom_files_are_skipped(tmp_path):

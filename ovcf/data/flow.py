@@ -9,15 +9,14 @@ The report holds pseudonyms only, never file paths, so it can be shared with the
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
-from ovcf.contract import DATA_PROBLEM_CODES, EXCLUSION_CODES
+from ovcf.contract import DATA_PROBLEM_CODES, EXCLUSION_CODES, LABELS
+from ovcf.data.atomic import write_atomic
 
 PROTOCOL_ORDER = (*EXCLUSION_CODES, *DATA_PROBLEM_CODES)
 UNSPECIFIED = "unspecified"  # an excluded row that carries no reason still has to be counted somewhere
-LABELS = ("acute", "chronic")
 
 
 def code_key(code: str) -> tuple[int, str]:
@@ -239,13 +238,6 @@ def flow_figure(totals: dict):
     return fig
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling then rename, so a reader never sees a half-written report."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_flow(out: Path, rows: list[dict], files: dict, title: str = "Cohort flow") -> dict:
     """Write `flow.json`, `flow.md` and `flow.png` into folder `out` (created if missing).
 
@@ -263,9 +255,9 @@ def write_flow(out: Path, rows: list[dict], files: dict, title: str = "Cohort fl
     totals = flow_totals(rows, files)
     ordered = sorted(rows, key=lambda r: r["row"])
     payload = json.dumps({"totals": totals, "rows": ordered}, indent=1, ensure_ascii=False)
-    _write_atomic(out / "flow.json", lambda p: p.write_text(payload + "\n", encoding="utf-8"))
+    write_atomic(out / "flow.json", lambda p: p.write_text(payload + "\n", encoding="utf-8"))
     report = flow_markdown(ordered, totals, title)
-    _write_atomic(out / "flow.md", lambda p: p.write_text(report + "\n", encoding="utf-8"))
+    write_atomic(out / "flow.md", lambda p: p.write_text(report + "\n", encoding="utf-8"))
     figure = flow_figure(totals)
-    _write_atomic(out / "flow.png", lambda p: figure.savefig(p, format="png", dpi=150))
+    write_atomic(out / "flow.png", lambda p: figure.savefig(p, format="png", dpi=150))
     return totals

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
+from ovcf.data.atomic import write_atomic, write_json
 from ovcf.data.clinical import ClinicalRow, check_clinical, read_clinical
 from ovcf.data.dicom import list_files, read_header
 from ovcf.data.flow import write_flow
@@ -33,6 +34,8 @@ from ovcf.errors import CohortError
 from ovcf.parallel import pool_map, worker_pool
 
 CACHE_VERSION = 3
+# Series report statuses besides the `SERIES_PROBLEMS` codes (and mask_mismatch) of rejected series.
+USED, NOT_CANDIDATE, UNUSED = "used", "not a candidate", "candidate, not used"
 INDEX_COLUMNS = [
     "row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "flags", "note",
 ]  # fmt: skip
@@ -116,10 +119,7 @@ class _Patient:
 
     def __init__(self, job: dict):
         self.job, self.rows = job, job["rows"]
-        self.results = {
-            r.row: {"reasons": r.exclusions(), "flags": [], "notes": [r.problems and "; ".join(r.problems) or ""]}
-            for r in self.rows
-        }
+        self.results = {r.row: {"reasons": r.exclusions(), "flags": [], "notes": ["; ".join(r.problems)]} for r in self.rows}
         self.arrays: dict[str, np.ndarray] = {}
         self.series: list[dict] = []
 
@@ -135,10 +135,8 @@ class _Patient:
 
     def scrub(self, text: str) -> str:
         """Removes what could identify the patient from a message: paths and the original ID."""
-        for secret in (self.job["cohort"], self.rows[0].patient_id):
-            if secret:
-                text = text.replace(secret, self.job["pseudonym"] if secret == self.rows[0].patient_id else "<cohort>")
-        return text
+        text = text.replace(self.job["cohort"], "<cohort>")
+        return text.replace(self.rows[0].patient_id, self.job["pseudonym"]) if self.rows[0].patient_id else text
 
 
 def _ingest_patient(job: dict) -> dict:
@@ -163,7 +161,7 @@ def _choose_and_load(p: _Patient, checks: IngestChecks, mask: Volume | None) -> 
     candidates = ct_candidates(p.job["series"], named)
     for s in p.job["series"]:
         if s not in candidates:
-            p.series.append({"series": s.name, "status": "not a candidate", "notes": s.notes})
+            p.series.append({"series": s.name, "status": NOT_CANDIDATE, "notes": s.notes})
     if not candidates:
         what = "the series named in ct_series_uid is not in the export" if named else "no axial CT series in the export"
         p.add(None, "no_ct", what)
@@ -181,9 +179,9 @@ def _choose_and_load(p: _Patient, checks: IngestChecks, mask: Volume | None) -> 
             p.series.append({"series": s.name, "status": "mask_mismatch", "notes": [*s.notes, p.scrub(str(exc))]})
             mismatches.append(str(exc))
             continue
-        p.series.append({"series": s.name, "status": "used", "notes": s.notes})
+        p.series.append({"series": s.name, "status": USED, "notes": s.notes})
         for other in candidates[candidates.index(s) + 1 :]:
-            p.series.append({"series": other.name, "status": "candidate, not used", "notes": other.notes})
+            p.series.append({"series": other.name, "status": UNUSED, "notes": other.notes})
         for note in s.notes:
             p.add(None, note=note, flag=note.split(":")[0])
         if problems or mismatches:
@@ -248,22 +246,31 @@ def _work(p: _Patient) -> None:
             p.add(r.row, "image_quality", f"voxels {slice_mm:.1f} mm apart exceed {q.max_slice_mm:g} mm")
         if p.results[r.row]["reasons"]:
             continue
-        level_mask = np.zeros(labels.shape, np.float32)
-        if voxels is not None:
-            level_mask[tuple(voxels.T)] = 1.0
         image = resample_roi(volume, centre, roi.size, roi.spacing)
-        body = resample_roi(Volume(level_mask, volume.affine), centre, roi.size, roi.spacing, "nearest", 0.0)
+        body = resample_roi(_body_volume(voxels, volume), centre, roi.size, roi.spacing, "nearest", 0.0)
         p.arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
         p.arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
+
+
+def _body_volume(voxels: np.ndarray | None, volume: Volume) -> Volume:
+    """The body's mask on its bounding box of CT voxels (all zero when the mask lacks the level)."""
+    if voxels is None:
+        return Volume(np.zeros((1, 1, 1), np.float32), volume.affine)
+    # One voxel of margin (within the CT) so that sampling rounds at the box edge as on the full grid.
+    lo = np.maximum(voxels.min(axis=0) - 1, 0)
+    hi = np.minimum(voxels.max(axis=0) + 1, np.array(volume.array.shape) - 1)
+    box = np.zeros(hi - lo + 1, np.float32)
+    box[tuple((voxels - lo).T)] = 1.0
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.world(lo[None].astype(float))[0]
+    return Volume(box, affine)
 
 
 def _finish(p: _Patient) -> dict:
     out = Path(p.job["out"])
     name = p.job["pseudonym"]
     if p.arrays:
-        tmp = out / "samples" / f"{name}.tmp.npz"
-        np.savez(tmp, **p.arrays)
-        os.replace(tmp, out / "samples" / f"{name}.npz")
+        write_atomic(out / "samples" / f"{name}.npz", lambda tmp: _savez(tmp, p.arrays))
     rows = []
     for r in p.rows:
         res = p.results[r.row]
@@ -285,14 +292,13 @@ def _finish(p: _Patient) -> dict:
             }
         )
     record = {"hash": p.job["hash"], "rows": rows, "series": p.series}
-    _write_json(out / "patients" / f"{name}.json", record)
+    write_json(out / "patients" / f"{name}.json", record)
     return record
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would add ".npz" to a path
+        np.savez(fh, **arrays)
 
 
 def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | None, settings: str) -> str:
@@ -328,8 +334,6 @@ def _jobs(
     patients: dict[str, list[ClinicalRow]] = {}
     for r in rows:
         patients.setdefault(r.patient_id, []).append(r)
-    for sub in ("samples", "patients"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = []
     for pid, prow in patients.items():
         mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
@@ -378,6 +382,8 @@ def ingest(
         return out
 
     rows = read_clinical(cohort / CLINICAL_CSV)
+    for sub in ("samples", "patients"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     with worker_pool(num_workers) as pool:  # workers start once for both passes
         scan = _scan(cohort, num_workers, progress, pool)
         records, jobs = {}, []
@@ -399,10 +405,7 @@ def ingest(
     index = sorted((r for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
     _write_index(out / "index.csv", index)
     rejected = Counter(
-        s["status"]
-        for rec in records.values()
-        for s in rec["series"]
-        if s["status"] not in ("used", "not a candidate", "candidate, not used")
+        s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in (USED, NOT_CANDIDATE, UNUSED)
     )
     totals = {
         "files": scan["files"],
@@ -414,7 +417,7 @@ def ingest(
     }
     write_flow(out, index, totals, title=f"Cohort flow: {cohort.name}")
     if all(rec["hash"] is not None for rec in records.values()):  # else: retry the failed patients next time
-        _write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
+        write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
     else:
         stamp.unlink(missing_ok=True)
     return out

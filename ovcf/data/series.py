@@ -11,6 +11,7 @@ coordinates as its mask.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,9 +104,7 @@ def group_series(headers: list[SliceHeader]) -> list[Series]:
             groups[key] = Series(h.patient_id, h.study_uid, h.series_uid, h.modality)
         groups[key].slices.append(h)
     out = list(groups.values())
-    parts: dict[tuple, int] = {}
-    for s in out:
-        parts[(s.patient_id, s.study_uid, s.series_uid)] = parts.get((s.patient_id, s.study_uid, s.series_uid), 0) + 1
+    parts = Counter((s.patient_id, s.study_uid, s.series_uid) for s in out)
     for s in out:
         n = parts[(s.patient_id, s.study_uid, s.series_uid)]
         if n > 1:
@@ -120,12 +119,6 @@ def ct_candidates(series: list[Series], series_uid: str | None = None) -> list[S
         return sorted(named, key=lambda s: (not s.is_axial, -len(s.slices)))
     candidates = [s for s in series if s.modality == "CT" and s.is_axial and not s.is_localizer]
     return sorted(candidates, key=lambda s: (-len(s.slices), s.thickness))
-
-
-def choose_ct(series: list[Series], series_uid: str | None = None) -> Series | None:
-    """The first candidate of `ct_candidates` (validation may still reject it)."""
-    candidates = ct_candidates(series, series_uid)
-    return candidates[0] if candidates else None
 
 
 def validate(series: Series, checks: SeriesChecks = SeriesChecks()) -> tuple[list[SliceHeader], np.ndarray]:

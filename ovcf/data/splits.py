@@ -6,14 +6,13 @@ patient's other fracture (same bone density, same scanner) leaks from training i
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from ovcf.contract import LABELS
+from ovcf.data.atomic import write_json
 from ovcf.errors import CohortError
 
 
@@ -64,7 +63,5 @@ def _part(rows: list[dict]) -> dict:
 
 
 def write_splits(path: Path, splits: dict) -> None:
-    """Writes atomically: parallel sweep jobs may write the same file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(splits, indent=1))
-    os.replace(tmp, path)
+    """Written atomically: parallel sweep jobs may write the same file."""
+    write_json(path, splits)

@@ -1,4 +1,4 @@
-# make train: set up .venv and run the quickstart; make test: the test suite; make bench: ingest and training speed.
+# make train: set up .venv and run the quickstart; make test: the test suite; make bench: generation, ingest and training speed.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ test: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 bench: setup
+	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_synth
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_ingest
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench
 

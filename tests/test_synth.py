@@ -116,3 +116,118 @@ def test_synth_command_writes_a_cohort(cli_env, tmp_path):
     assert {r["center"] for r in rows} == {"A", "B"}
     assert len(list((out / "masks").glob("*.nii.gz"))) == 2
     assert len(list((out / "dicom").rglob("*.dcm"))) > 100
+
+
+def test_raised_attenuation_lifts_the_whole_body():
+    plain, body = _render_l1({})
+    raised, _ = _render_l1({"raised_attenuation": {"hu": 30.0}})
+    from scipy import ndimage
+
+    rise = (raised - plain)[ndimage.binary_erosion(body, iterations=3)]  # cancellous bone, inside the shell
+    assert 25 < np.percentile(rise, 5) and np.percentile(rise, 95) < 31, "the whole cancellous body, evenly"
+
+
+def test_swelling_and_osteophytes_change_the_tissue_outside_the_body():
+    plain, body = _render_l1({}, "chronic")
+    swollen, _ = _render_l1({"soft_tissue_swelling": {"thickness_mm": 6.0, "hu": 45.0}})
+    spurs, _ = _render_l1({"osteophytes": {"size_mm": 4.0}}, "chronic")
+    outside = ~body
+    fat = outside & (plain < -50)
+    assert ((swollen - plain)[fat] > 60).sum() > 100, "fat next to the body becomes soft tissue"
+    assert ((spurs - plain)[outside] > 200).sum() > 10, "bony spurs grow outside the body mask"
+    assert np.array_equal(body, _render_l1({"osteophytes": {"size_mm": 4.0}}, "chronic")[1])
+
+
+def test_difficulty_scales_probability_and_contrast():
+    from ovcf.synth.anatomy import draw_fracture
+
+    signs = {"acute": {"impaction_band": {"p": 0.4, "hu": [100, 100], "depth_mm": [2, 2], "width_mm": [4, 4]}}}
+    grades = {"acute": [1, 1, 1]}
+
+    def draws(difficulty):
+        rng = np.random.default_rng(0)
+        return [draw_fracture(rng, "acute", signs, grades, difficulty).signs for _ in range(400)]
+
+    assert not any(draws(1.0)), "difficulty 1: no sign at all"
+    default, easy = draws(0.5), draws(0.0)
+    assert 0.33 < np.mean([bool(s) for s in default]) < 0.47
+    assert 0.72 < np.mean([bool(s) for s in easy]) < 0.88, "difficulty 0 doubles the probability"
+    assert {s["impaction_band"]["hu"] for s in default if s} == {100.0}
+    assert {s["impaction_band"]["hu"] for s in easy if s} == {200.0}, "and the contrast"
+    assert {s["impaction_band"]["depth_mm"] for s in easy if s} == {2.0}, "but not the geometry"
+
+
+def test_unknown_difficulty_is_a_config_error(tmp_path):
+    from ovcf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="synthetic.difficulty"):
+        generate_cohort(tmp_path, progress=False, **synthetic_params(patients_per_center=1, difficulty=1.5))
+
+
+def test_screws_are_metal_with_streaks_and_caught_as_implant(tmp_path):
+    """Planted implants alternate between cement and pedicle screws; ingest excludes both."""
+    import json
+
+    from ovcf.data.ingest import RoiSpec, ingest, read_index
+
+    plant = {"implant": 2}
+    params = synthetic_params(patients_per_center=2, n_levels=[5, 5], plant=plant, export={"mr_series": False})
+    cohort = generate_cohort(tmp_path / "c", num_workers=2, progress=False, report=False, **params)
+    truth = json.loads((cohort / "synth.json").read_text())["patients"]
+    assert sorted(p["implant"] for p in truth) == ["cement", "cement", "screws", "screws"]
+    cache = ingest(cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", num_workers=2, progress=False)
+    assert all(r["reasons"] == ["implant"] for r in read_index(cache))
+
+
+def test_screws_cast_streaks_beyond_the_metal():
+    from ovcf.synth.implants import METAL_HU, add_screws
+    from ovcf.synth.scanner import Scanner, make_grid
+
+    rng = np.random.default_rng(3)
+    vertebrae, visible = draw_spine(rng, (5, 5), -2.5)
+    grid = make_grid(vertebrae, Scanner(matrix=96), rng)
+    ideal, _ = render(vertebrae, grid, rng)
+    fixed = ideal.copy()
+    add_screws(fixed, grid, vertebrae, [visible[2]], np.random.default_rng(0))
+    metal = fixed >= METAL_HU
+    assert metal.sum() * np.prod(grid.spacing) / 1000 > 2, "six screws and two rods: several ml of metal"
+    change = (fixed - ideal)[~metal]
+    assert (change < -200).sum() > 500 and (change > 100).sum() > 500, "dark band and bright streaks off the metal"
+    assert not (fixed - ideal)[:, :, ~metal.any(axis=(0, 1))].any(), "streaks only in slices through metal"
+
+
+def test_masks_land_on_the_bodies_in_world_coordinates_read_by_simpleitk(tiny_cohort):
+    """Read independently of ovcf (SimpleITK, world-space resampling), every mask sits on bone."""
+    import json
+
+    import SimpleITK as sitk
+
+    truth = {p["patient_id"]: p for p in json.loads((tiny_cohort / "synth.json").read_text())["patients"]}
+    seen = 0
+    for folder in sorted((tiny_cohort / "dicom").glob("*/*/2_spine")):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+        reader.LoadPrivateTagsOn()
+        reader.MetaDataDictionaryArrayUpdateOn()
+        ct = reader.Execute()
+        patient = reader.GetMetaData(0, "0010|0020").strip()
+        mask = sitk.ReadImage(str(tiny_cohort / "masks" / f"{patient}.nii.gz"))
+        on_ct = sitk.Resample(mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        hu = sitk.GetArrayFromImage(ct).astype(np.float32)  # z, y, x
+        labels = sitk.GetArrayFromImage(on_ct)
+        assert (labels > 0).sum() == (sitk.GetArrayFromImage(mask) > 0).sum(), "the mask lies on the CT's voxels"
+        shift = int(round(40 / ct.GetSpacing()[1]))  # 40 mm anterior of a body: soft tissue
+        anterior_axis = 1 if ct.GetDirection()[4] > 0 else None  # rows run anterior -> posterior (LPS y)
+        assert anterior_axis == 1
+        for level in truth[patient]["visible_levels"]:
+            body = labels == LEVEL_IDS[level]
+            assert body.sum() * np.prod(ct.GetSpacing()) / 1000 > 10, level
+            in_front = np.roll(body, -shift, axis=1)
+            assert np.median(hu[body]) > np.median(hu[in_front]) + 60, f"{patient} {level}: mask off the bone"
+        heights = []
+        for level in truth[patient]["visible_levels"]:  # cranial first
+            centre = np.argwhere(labels == LEVEL_IDS[level]).mean(axis=0)[::-1]  # x, y, z index
+            heights.append(ct.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre])[2])
+        assert heights == sorted(heights, reverse=True), "levels run head to feet in world coordinates"
+        seen += 1
+    assert seen == 8

@@ -173,11 +173,12 @@ class CohortDataModule(L.LightningDataModule):
         hp = self.hparams
         path = self.cohort_path
         if hp.cohort is None and not (path / "synth.json").exists():
-            from ovcf.synth.cohort import generate_cohort
+            from ovcf.synth.cohort import difficulty_summary, generate_cohort
 
             print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
             params = {k: v for k, v in hp.synthetic.items() if k != "num_workers"}
             generate_cohort(path, num_workers=hp.ingest_workers, progress=hp.progress, **params)
+            print(difficulty_summary(path))
         self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks)
 
     def setup(self, stage: str | None = None) -> None:

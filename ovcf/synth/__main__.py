@@ -9,15 +9,17 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.cli import check_overrides, config_dir, guarded
-from ovcf.synth.cohort import generate_cohort
+from ovcf.synth.cohort import difficulty_summary, generate_cohort
 
 
 def synth(cfg: DictConfig) -> Path:
     params = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("out", "task_name", "paths", "num_workers"):
+    for key in ("out", "task_name", "paths", "num_workers", "report"):
         params.pop(key, None)
-    out = generate_cohort(Path(cfg.out).expanduser(), num_workers=cfg.num_workers, **params)
+    out = generate_cohort(Path(cfg.out).expanduser(), num_workers=cfg.num_workers, report=cfg.report, **params)
     print(f"Synthetic cohort written to {out.resolve()}")
+    if cfg.report:
+        print(difficulty_summary(out))
     return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 # Cranio-caudal order of the levels the phantom can show; S1 is drawn as bone but never labelled.
 SPINE = [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"]
 FIRST_LEVEL, LAST_LEVEL = "T9", "L5"  # the fully visible levels are drawn from this range
+CONTRAST_KEYS = ("hu", "step_mm")  # sign parameters that `difficulty` scales
 CRUSH_WALL_SHARE = 0.8  # a crush fracture loses this share of its height loss at the walls too
 
 
@@ -70,8 +71,19 @@ def _uniform(rng: np.random.Generator, bounds) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def draw_fracture(rng: np.random.Generator, label: str, signs_cfg: dict, grades_cfg: dict) -> Fracture:
-    """Draws grade, shape and the CT signs of one fracture from the configured mix."""
+def sign_strength(difficulty: float) -> float:
+    """How strongly signs show: x2 at difficulty 0, as configured at 0.5, not at all at 1."""
+    return 2.0 * (1.0 - difficulty)
+
+
+def draw_fracture(rng: np.random.Generator, label: str, signs_cfg: dict, grades_cfg: dict, difficulty: float = 0.5) -> Fracture:
+    """Draws grade, shape and the CT signs of one fracture from the configured mix.
+
+    `difficulty` scales each sign's probability and its contrast (the parameters in
+    `CONTRAST_KEYS`) by `sign_strength`, so one number moves a cohort from obvious to hopeless
+    while the mix of signs stays the one configured.
+    """
+    k = sign_strength(difficulty)
     grade = int(rng.choice([1, 2, 3], p=np.asarray(grades_cfg[label], float) / np.sum(grades_cfg[label])))
     loss = _uniform(rng, {1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 0.55)}[grade])
     morphology = str(rng.choice(["wedge", "biconcave", "crush"], p=[0.5, 0.3, 0.2]))
@@ -81,8 +93,9 @@ def draw_fracture(rng: np.random.Generator, label: str, signs_cfg: dict, grades_
         endplate = str(rng.choice(["superior", "inferior"], p=[0.8, 0.2]))
     signs: dict[str, dict] = {}
     for name, spec in signs_cfg[label].items():
-        if rng.random() < spec["p"]:
-            signs[name] = {k: _uniform(rng, v) for k, v in spec.items() if k != "p"}
+        if rng.random() < min(1.0, spec["p"] * k):
+            drawn = {key: _uniform(rng, v) for key, v in spec.items() if key != "p"}
+            signs[name] = {key: v * k if key in CONTRAST_KEYS else v for key, v in drawn.items()}
     return Fracture(label, grade, morphology, loss, endplate, signs)
 
 
@@ -114,8 +127,8 @@ def draw_spine(
         if name == "S1":
             a, b, h, wedge = 26.0 * scale, 19.0 * scale, 30.0 * scale, 0.15
         else:
-            a = (23.5 + 0.35 * p) * scale
-            b = (17.0 + 0.25 * p) * scale
+            a = (24.55 + 0.36 * p) * scale
+            b = (17.75 + 0.26 * p) * scale
             h = (22.5 + 0.6 * p) * scale
             wedge = float(np.interp(p, [0, 4, 6, 8], [0.22, 0.25, 0.0, -0.12]))
         disc = (5.0 + 0.6 * max(p, 0)) * scale

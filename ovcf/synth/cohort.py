@@ -28,7 +28,10 @@ from ovcf.contract import (
 from ovcf.errors import ConfigError
 from ovcf.parallel import pool_map
 from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
+from ovcf.synth.difficulty import FEATURES, baseline_auc, fracture_features
 from ovcf.synth.export import PatientHeader, write_ct_series, write_localizer, write_mask, write_mr_series
+from ovcf.synth.implants import IMPLANT_KINDS, add_cement, add_screws
+from ovcf.synth.montage import sagittal_view, write_montage
 from ovcf.synth.phantom import render
 from ovcf.synth.scanner import Scanner, acquire, make_grid
 
@@ -60,7 +63,7 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     by_name = {v.level: v for v in vertebrae}
     for level in levels:
         label = "acute" if rng.random() < cfg["acute_fraction"] else "chronic"
-        by_name[level].fracture = draw_fracture(rng, label, cfg["signs"], cfg["grades"])
+        by_name[level].fracture = draw_fracture(rng, label, cfg["signs"], cfg["grades"], cfg.get("difficulty", 0.5))
     apply_fracture_heights(vertebrae)
 
     problem = job.get("problem")
@@ -69,9 +72,13 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     scanner_rng = np.random.default_rng([cfg["seed"], c_idx, p_idx, 1])
     grid = make_grid(vertebrae, scanner, scanner_rng)
     ideal, labels = render(vertebrae, grid, rng, cfg.get("tissues"))
-    if problem == "implant":
-        _add_cement(ideal, labels, grid, levels)
+    if problem == "implant" and job["implant"] == "screws":
+        add_screws(ideal, grid, vertebrae, levels, np.random.default_rng([cfg["seed"], c_idx, p_idx, 2]))
+    elif problem == "implant":
+        add_cement(ideal, labels, grid, levels)
     hu = acquire(ideal, grid, scanner, scanner_rng)
+    features = fracture_features(hu, labels, grid.spacing, {LEVEL_IDS[level]: level for level in levels})
+    views = {level: sagittal_view(hu, labels, grid, LEVEL_IDS[level]) for level in levels}
 
     patient_id = f"{c_idx + 1}{int(rng.integers(0, 10000)):04d}{p_idx:03d}"
     ct_date = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
@@ -131,7 +138,7 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
                 "ct_series_uid": "",
             }
         )
-        truth.append({"patient_id": patient_id, "level": level, **asdict(f)})
+        truth.append({"patient_id": patient_id, "level": level, **asdict(f), "features": features.get(LEVEL_IDS[level])})
     if problem == "age":
         for r in rows:
             r["age"] = int(rng.integers(MIN_AGE - 10, MIN_AGE))
@@ -140,13 +147,15 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
         far = LEVEL_ORDER[max(LEVEL_ORDER.index(visible[0]) - 4, 0)]
         rows.append({**rows[0], "level": far, "label": str(rng.choice(["acute", "chronic"]))})
         planted[far] = problem
-    return rows, {
+    truth = {
         "patient_id": patient_id,
         "center": center,
         "visible_levels": visible,
         "fractures": truth,
         "planted": planted,  # level -> the exclusion the reader must find for that row
+        "implant": job["implant"] if problem == "implant" else None,
     }
+    return rows, truth, views
 
 
 def _thick_slices(hu: np.ndarray, grid, thickness: float):
@@ -156,18 +165,6 @@ def _thick_slices(hu: np.ndarray, grid, thickness: float):
     thick = hu[:, :, : slabs * n].reshape(hu.shape[0], hu.shape[1], slabs, n).mean(axis=3)
     z = grid.z[: slabs * n].reshape(slabs, n).mean(axis=1)
     return thick, replace(grid, z=z)
-
-
-def _add_cement(ideal: np.ndarray, labels: np.ndarray, grid, levels: list[str]) -> None:
-    """Vertebroplasty: a cement cast (PMMA with barium, ~2800 HU) inside each fractured body."""
-    xx, yy, zz = np.meshgrid(grid.x, grid.y, grid.z, indexing="ij")
-    for level in levels:
-        body = labels == LEVEL_IDS[level]
-        if not body.any():
-            continue
-        c = [a[body].mean() for a in (xx, yy, zz)]
-        blob = body & ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * 1.5) ** 2 < 8.0**2)
-        ideal[blob] = 2800.0
 
 
 def _assign_problems(plant: dict, n_patients: int, seed: int) -> dict[int, str]:
@@ -182,18 +179,23 @@ def _assign_problems(plant: dict, n_patients: int, seed: int) -> dict[int, str]:
     return {int(i): code for i, code in zip(chosen, wanted)}
 
 
-def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True, **cfg) -> Path:
+def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True, report: bool = True, **cfg) -> Path:
     """Writes `clinical.csv`, `dicom/`, `masks/` and `synth.json` (ground truth) into `out`.
 
     Args:
         out: folder to create; an existing cohort there is overwritten file by file.
         num_workers: processes used to render patients (the output does not depend on it).
         progress: show a progress bar.
+        report: also write `difficulty.json` (the baseline AUC) and `montage.png`.
         **cfg: generator parameters, as in ``conf/synthetic/default.yaml``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     centers = list(cfg["centers"])
+    if not 0.0 <= float(cfg.get("difficulty", 0.5)) <= 1.0:
+        raise ConfigError(
+            f"synthetic.difficulty must lie in [0, 1] (0 obvious, 0.5 default, 1 no signs), got {cfg['difficulty']}"
+        )
     problems = _assign_problems(cfg.get("plant") or {}, cfg["patients_per_center"], cfg["seed"])
     orientations = cfg.get("mask_orientations", ["LPS"])
     jobs = [
@@ -205,18 +207,72 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
             "patient_index": p_idx,
             "mask_orientation": orientations[c_idx % len(orientations)],
             "problem": problems.get(p_idx),
+            # planted implants alternate between cement and screws, starting differently per center
+            "implant": IMPLANT_KINDS[(c_idx + sorted(i for i, c in problems.items() if c == "implant").index(p_idx)) % 2]
+            if problems.get(p_idx) == "implant"
+            else None,
         }
         for c_idx, center in enumerate(centers)
         for p_idx in range(cfg["patients_per_center"])
     ]
     results = pool_map(_patient, jobs, num_workers, "Generating phantoms", progress)
+    truths = [t for _, t, _ in results]
 
     (out / DICOM_DIR / "export_log.txt").write_text("PACS export finished; files per patient folder.\n")  # not DICOM
     with open(out / CLINICAL_CSV, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
-        for rows, _ in results:
+        for rows, _, _ in results:
             writer.writerows(rows)
-    truth = {"parameters": cfg, "patients": [t for _, t in results]}
-    (out / "synth.json").write_text(json.dumps(truth, indent=1, default=float))
+    (out / "synth.json").write_text(json.dumps({"parameters": cfg, "patients": truths}, indent=1, default=float))
+    if report:
+        write_report(out, truths, [views for _, _, views in results], cfg["seed"])
     return out
+
+
+def write_report(out: Path, truths: list[dict], views: list[dict], seed: int) -> dict:
+    """Writes `difficulty.json` (the baseline AUC) and `montage.png` next to the cohort.
+
+    Only patients without a planted exclusion count: they are the ones a model trains on.
+    """
+    fractures, tiles = [], {}
+    for truth, patient_views in zip(truths, views):
+        if truth["planted"]:
+            continue
+        for f in truth["fractures"]:
+            if f["features"] is None:
+                continue
+            fractures.append({**f["features"], "label": f["label"], "patient_id": truth["patient_id"], "center": truth["center"]})
+            view = patient_views.get(f["level"])
+            if view is not None:
+                signs = ", ".join(name.replace("_", " ") for name in f["signs"]) or "no sign"
+                caption = f"{truth['center']} {f['level']} G{f['grade']} {f['morphology']} {f['label'].upper()}: {signs}"
+                tiles.setdefault((f["label"], truth["center"]), []).append((view, caption))
+    report = baseline_auc(fractures, seed)
+    report["features"] = list(FEATURES)
+    report["means"] = {
+        label: {k: float(np.mean([r[k] for r in fractures if r["label"] == label])) for k in FEATURES}
+        for label in ("acute", "chronic")
+        if any(r["label"] == label for r in fractures)
+    }
+    (out / "difficulty.json").write_text(json.dumps(report, indent=1))
+    per_group = max(1, 32 // max(len(tiles), 1))  # as many acute as chronic tiles from every center
+    picked = [t for group in sorted(tiles) for t in tiles[group][:per_group]]
+    if picked:
+        write_montage(out / "montage.png", picked)
+    return report
+
+
+def difficulty_summary(out: Path) -> str:
+    """One paragraph on `difficulty.json` and the montage, for the command line."""
+    report = json.loads((Path(out) / "difficulty.json").read_text())
+
+    def fmt(v):
+        return "n/a (too few fractures)" if v is None else f"{v:.3f}"
+
+    return (
+        f"Difficulty: hand-crafted baseline ({', '.join(report['features'])}) AUC {fmt(report['cv_auc'])} "
+        f"(patient-grouped 5-fold CV, {report['fractures']} fractures, {report['acute']} acute), "
+        f"{fmt(report['external_auc'])} fitted on the first center and scored on the others.\n"
+        f"Montage of mid-sagittal views: {(Path(out) / 'montage.png').resolve()}"
+    )

@@ -27,6 +27,7 @@ DEFAULT_TISSUES = {
     "posterior_bone": 380.0,
     "gas": -900.0,
 }
+WAIST = 0.05  # vertebral bodies are narrower at mid-height than at the endplates
 
 
 @dataclass
@@ -241,8 +242,9 @@ def _body(c: _Canvas, vert: Vertebra) -> None:
     if box is None:
         return
     sl, u, v, w = box
-    un = u / vert.a
-    vn = np.where(v > 0, v * 1.12, v) / vert.b  # flatter posterior wall
+    waist = 1.0 - WAIST * np.sin(np.pi * np.clip(w / vert.h_mid, 0, 1))  # concave lateral and anterior walls
+    un = u / (vert.a * waist)
+    vn = np.where(v > 0, v * 1.12, v / waist) / vert.b  # flatter posterior wall
     r2 = un**2 + vn**2
     height = vert.h_mid * (1 + 0.5 * vert.wedge * np.clip(v / vert.b, -1, 1))
     cup = vert.concavity * np.clip(1 - r2, 0, 1)
@@ -297,13 +299,15 @@ def _body(c: _Canvas, vert: Vertebra) -> None:
     if vert.labelled:
         c.labels[sl][sd > 0] = LEVEL_IDS[vert.level]
 
-    if "osteophytes" in signs:  # small spurs at the anterior endplate rims, outside the body mask
+    if "osteophytes" in signs:  # beaks from the anterior endplate rims towards the discs, outside the mask
         size = signs["osteophytes"]["size_mm"]
         rim = vn < -0.8
-        for wo in (bot[rim].mean(), top[rim].mean()) if rim.any() else (0.0, vert.h_mid):
-            e = (u / (1.8 * size)) ** 2 + ((v + vert.b + size * 0.3) / size) ** 2 + ((w - wo) / (0.8 * size)) ** 2
-            spur = _soft((1 - np.sqrt(e)) * size, c.eps) * (sd <= 0)
-            c.blend(sl, spur, t["cortical"] - 200.0)
+        for wo, towards in ((bot[rim].mean(), -1), (top[rim].mean(), 1)) if rim.any() else ((0.0, -1), (vert.h_mid, 1)):
+            dv = (v + vert.b + 0.35 * size) / (0.55 * size)
+            dw = (w - wo - towards * 0.45 * size) / (0.9 * size)
+            e = (u / (2.2 * size)) ** 2 + dv**2 + dw**2
+            spur = _soft((1 - np.sqrt(e)) * size * 0.55, c.eps) * (sd <= 0)
+            c.blend(sl, spur, t["cortical"] - 250.0)
 
 
 def render(vertebrae: list[Vertebra], grid: Grid, rng: np.random.Generator, tissues: dict | None = None):

@@ -69,7 +69,7 @@ def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: i
 def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
     torch.manual_seed(0)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    net = create_model(model_name, **kwargs).to(device)
+    net = create_model(model_name, task="classification", **kwargs).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     loss_fn = torch.nn.BCEWithLogitsLoss()

@@ -58,3 +58,20 @@ def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 9
     return subprocess.run(
         [sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def fit_losses(net, image, label, steps: int, lr: float) -> list[float]:
+    """DiceCE losses of `steps` Adam steps on one batch: does a segmenter learn at all?"""
+    import torch
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(net(image), label)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -48,7 +48,7 @@ def test_every_model_option_is_a_registered_network():
     from ovcf.models import list_models
 
     for option in _options("model"):
-        assert compose_cfg("train", [f"model={option}"]).model.model_name in list_models()
+        assert compose_cfg("train", [f"model={option}"]).model.model_name in list_models("classification")
 
 
 def test_default_logger_is_wandb_offline_plus_csv(monkeypatch):

@@ -26,7 +26,7 @@ def test_unknown_model_in_a_multirun_list(cli_env, tmp_path):
 
 def test_unknown_network_name_in_model_config(cli_env, tmp_path):
     line = _one_line_error(run_cli("ovcf.train", ["model.model_name=resnet", "logger=csv"], cli_env, tmp_path))
-    assert "unknown model 'resnet'" in line and "densenet121" in line
+    assert "unknown classification model 'resnet'" in line and "densenet121" in line and "umamba" not in line
 
 
 def test_missing_cohort_folder(cli_env, tmp_path):

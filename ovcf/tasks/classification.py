@@ -38,7 +38,7 @@ class ClassificationTask(L.LightningModule):
     """Trains a registry network with BCE on one logit per vertebra.
 
     Args:
-        model_name: a name from `ovcf.models.list_models()`.
+        model_name: a name from `ovcf.models.list_models("classification")`.
         model_kwargs: keyword arguments of that network's factory.
         lr: AdamW learning rate (cosine-annealed over the run).
         weight_decay: AdamW weight decay.
@@ -56,7 +56,7 @@ class ClassificationTask(L.LightningModule):
         super().__init__()
         model_kwargs = plain(model_kwargs)  # checkpoints must hold only primitives
         self.save_hyperparameters()
-        self.net = create_model(model_name, **model_kwargs)
+        self.net = create_model(model_name, task="classification", **model_kwargs)
         weight = None if pos_weight is None else torch.tensor(float(pos_weight))
         self.loss = nn.BCEWithLogitsLoss(pos_weight=weight)
         self.val_metrics = _metrics("val/")

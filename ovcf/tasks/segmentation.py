@@ -1,0 +1,271 @@
+"""Vertebra segmentation with one class per level, so the network both outlines and names each vertebra."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+from ovcf.errors import ConfigError
+from ovcf.models import create_model
+from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
+from ovcf.models.segmenters import class_to_verse, level_classes
+from ovcf.tasks.classification import plain
+
+STAGES = ("val", "test")
+
+
+def _plain_list(value) -> list | None:
+    """A list of primitives, also when Hydra passed a ListConfig (checkpoints must hold only primitives)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if hasattr(value, "_content"):  # omegaconf ListConfig
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return list(value)
+
+
+def _patch_size(patch_size) -> list[int]:
+    size = _plain_list(patch_size) or []
+    try:
+        ints = [int(s) for s in size]
+    except (TypeError, ValueError):
+        ints = []
+    if len(ints) != 3 or min(ints) < 1 or ints != list(size):
+        raise ConfigError(f"patch_size {patch_size} must be three positive ints, e.g. [64, 64, 64]")
+    return ints
+
+
+def confusion(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Voxel counts (num_classes, num_classes): rows are the true class, columns the predicted one."""
+    index = truth.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def level_scores(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-level Dice and level identification of one volume, from its confusion matrix.
+
+    Dice of level c is 2 |P_c & T_c| / (|P_c| + |T_c|): every voxel predicted as c counts against it, wherever it lies,
+    including on another vertebra. Dice is only defined for levels present in the ground truth (NaN otherwise, as
+    MONAI's `ignore_empty`): a level predicted but absent from the truth has no Dice of its own; its voxels lower the
+    Dice of the true levels they were taken from, and it is counted by `spurious` instead.
+
+    A true body is identified when the majority of its voxels predicted as some vertebra (background ignored) carry its
+    own level; a body predicted entirely as background is not identified.
+
+    Returns:
+        dice: (K - 1,) float, NaN for levels absent from the truth.
+        identified: (K - 1,) bool, meaningful only where the level is present in the truth.
+        spurious: (K - 1,) bool, levels predicted somewhere but absent from the truth.
+    """
+    cm = cm.double()
+    truth, pred, hit = cm.sum(1)[1:], cm.sum(0)[1:], cm.diagonal()[1:]
+    present = truth > 0
+    dice = torch.where(present, 2 * hit / (truth + pred).clamp_min(1), torch.full_like(hit, float("nan")))
+    foreground = cm[1:, 1:]
+    identified = (foreground.argmax(1) == torch.arange(len(hit), device=cm.device)) & (foreground.sum(1) > 0)
+    return dice, identified & present, (pred > 0) & ~present
+
+
+class SegmentationTask(L.LightningModule):
+    """Trains a registry segmenter on patches with Dice + CE and evaluates whole volumes by sliding windows.
+
+    Class 0 is background and class i + 1 the i-th level of `level_classes(levels)` (cranio-caudal order); masks given
+    to the task are class indices (see `ovcf.models.segmenters.encode_verse`), and `predict_volume` returns VerSe ids.
+
+    Deep supervision: networks that return several outputs in training (a list/tuple, full resolution first, or
+    DynUNet's stack on dim 1) are trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ...; the target is
+    downsampled nearest-exact to coarser outputs), which is what deep supervision is for; in eval mode every registry
+    segmenter returns the full-resolution logits alone, so validation and inference are unaffected.
+
+    Metrics (per stage "val"/"test"): `{stage}/loss` (Dice + CE on the whole volume), `{stage}/dice` (per volume the mean
+    Dice over the levels present in its ground truth, background excluded, see `level_scores`; averaged over volumes),
+    and at epoch end `{stage}/dice_<level>`, `{stage}/level_accuracy` (share of true bodies identified) and
+    `{stage}/spurious_levels` (levels predicted but absent from the truth, per volume). The epoch's per-level scores are
+    kept in `per_level_dice(stage)` and `level_accuracy(stage)`; they are per process (not synced across devices).
+
+    Args:
+        model_name: a name from `ovcf.models.list_models("segmentation")`.
+        model_kwargs: keyword arguments of that network's factory, except in_channels/out_channels, which follow
+            from `levels`; for "unetr_pp" img_size defaults to `patch_size`.
+        levels: level names to segment (default: every level, C1..L6 with T13).
+        patch_size: training patch and sliding-window size; must suit the network (multiple of 32 for unetr_pp,
+            of the product of strides for unet).
+        lr: AdamW learning rate (cosine-annealed over the run when max_epochs is known).
+        weight_decay: AdamW weight decay.
+        sw_batch_size: windows per forward pass in sliding-window inference.
+        sw_overlap: overlap of neighbouring windows (Gaussian-weighted blending).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "unet",
+        model_kwargs: dict | None = None,
+        levels: list[str] | None = None,
+        patch_size: Sequence[int] = (64, 64, 64),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        sw_batch_size: int = 2,
+        sw_overlap: float = 0.25,
+    ):
+        super().__init__()
+        model_kwargs = plain(model_kwargs)  # checkpoints must hold only primitives
+        levels = level_classes(_plain_list(levels))
+        patch_size = _patch_size(patch_size)
+        self.save_hyperparameters()
+        self.levels = levels
+        self.num_classes = len(levels) + 1
+        clash = sorted({"in_channels", "out_channels"} & set(model_kwargs))
+        if clash:
+            raise ConfigError(
+                f"model_kwargs must not set {clash}: the input is one CT channel and the classes follow from levels"
+            )
+        build = dict(model_kwargs)
+        if model_name == "unetr_pp":
+            build.setdefault("img_size", patch_size)
+            if [int(s) for s in build["img_size"]] != patch_size:
+                raise ConfigError(
+                    f"unetr_pp img_size {build['img_size']} differs from patch_size {patch_size}: UNETR++ only accepts "
+                    "img_size inputs, and sliding windows are patch_size; leave img_size unset"
+                )
+        self.net = create_model(model_name, task="segmentation", in_channels=1, out_channels=self.num_classes, **build)
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.train_loss = DeepSupervisionLoss(self.dice_ce)
+        self.register_buffer("verse_ids", torch.tensor(class_to_verse(levels), dtype=torch.long), persistent=False)
+        self._scores = {stage: self._empty_scores() for stage in STAGES}
+
+    def _empty_scores(self) -> dict:
+        return {"dice_sum": [0.0] * len(self.levels), "dice_n": [0] * len(self.levels), "identified": 0, "bodies": 0}
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.net(image)
+
+    def _label(self, batch: dict) -> torch.Tensor:
+        image, label = batch["image"], batch["label"]
+        if label.ndim == image.ndim - 1:
+            label = label.unsqueeze(1)
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
+            raise ValueError(
+                f"label holds class {int(label.max())} but the task has classes 0..{self.num_classes - 1} "
+                f"(background + {self.levels}): give class indices, e.g. via ovcf.models.segmenters.encode_verse"
+            )
+        return label
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image = batch["image"]
+        out = self.net(image)
+        if torch.is_tensor(out) and out.ndim == image.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...)
+            out = list(out.unbind(1))
+        # float labels: DeepSupervisionLoss downsamples them with F.interpolate, which takes no integer tensors
+        loss = self.train_loss(out, self._label(batch).float())
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(image))
+        return loss
+
+    def sliding_window(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits of a whole volume (B, K, X, Y, Z) on its own grid; volumes smaller than a patch are padded and cropped back."""
+        return sliding_window_inference(
+            image,
+            roi_size=tuple(self.hparams.patch_size),
+            sw_batch_size=self.hparams.sw_batch_size,
+            predictor=self.net,
+            overlap=self.hparams.sw_overlap,
+            mode="gaussian",
+        )
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        image, label = batch["image"], self._label(batch)
+        logits = self.sliding_window(image)
+        loss = self.dice_ce(logits, label)
+        pred = logits.argmax(1)
+        scores = self._scores[stage]
+        dices, spurious = [], []
+        for b in range(len(image)):
+            dice, identified, extra = level_scores(confusion(pred[b], label[b, 0], self.num_classes))
+            present = ~dice.isnan()
+            for i in present.nonzero().flatten().tolist():
+                scores["dice_sum"][i] += float(dice[i])
+                scores["dice_n"][i] += 1
+            scores["identified"] += int(identified.sum())
+            scores["bodies"] += int(present.sum())
+            if present.any():
+                dices.append(dice[present].mean())
+            spurious.append(extra.sum().float())
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(image))
+        if dices:  # volumes without any vertebra have no Dice and do not enter the mean
+            self.log(
+                f"{stage}/dice",
+                torch.stack(dices).mean().float(),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=len(dices),
+            )
+        self.log(f"{stage}/spurious_levels", torch.stack(spurious).mean(), on_step=False, on_epoch=True, batch_size=len(image))
+
+    def _log_epoch(self, stage: str) -> None:
+        for level, dice in self.per_level_dice(stage).items():
+            self.log(f"{stage}/dice_{level}", dice)
+        accuracy = self.level_accuracy(stage)
+        if accuracy == accuracy:  # not NaN
+            self.log(f"{stage}/level_accuracy", accuracy)
+
+    def per_level_dice(self, stage: str = "val") -> dict[str, float]:
+        """Mean Dice of each level over the volumes of the last `stage` epoch whose ground truth contains it."""
+        scores = self._scores[stage]
+        return {level: s / n for level, s, n in zip(self.levels, scores["dice_sum"], scores["dice_n"]) if n}
+
+    def level_accuracy(self, stage: str = "val") -> float:
+        """Share of the last `stage` epoch's ground-truth bodies whose majority predicted level is their own (NaN if none)."""
+        scores = self._scores[stage]
+        return scores["identified"] / scores["bodies"] if scores["bodies"] else float("nan")
+
+    def on_validation_epoch_start(self) -> None:
+        self._scores["val"] = self._empty_scores()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._scores["test"] = self._empty_scores()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    @torch.no_grad()
+    def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
+        """VerSe ids (X, Y, Z), long, on the input's grid and device, of one volume (1, 1, X, Y, Z); 0 is background.
+
+        Runs in eval mode (restoring the previous mode), so deep-supervision heads and dropout are off.
+        """
+        if image.ndim != 5 or tuple(image.shape[:2]) != (1, 1):
+            raise ValueError(f"predict_volume takes one volume of shape (1, 1, X, Y, Z), got {tuple(image.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.sliding_window(image.to(device=self.device, dtype=torch.float32))
+        finally:
+            self.train(was_training)
+        return self.verse_ids[logits.argmax(1)[0]].to(image.device)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.predict_volume(batch["image"])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        epochs = self._trainer.max_epochs if self._trainer is not None else None
+        if not epochs or epochs < 1:  # unknown or unbounded run: no schedule to anneal over
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

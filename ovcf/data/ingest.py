@@ -29,11 +29,11 @@ from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
 from ovcf.data.quality import QualityChecks, implant_ml, level_voxels, locate_level, noise_hu
 from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
-from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi
+from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi, resample_volume
 from ovcf.errors import CohortError
 from ovcf.parallel import pool_map, worker_pool
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # Series report statuses besides the `SERIES_PROBLEMS` codes (and mask_mismatch) of rejected series.
 USED, NOT_CANDIDATE, UNUSED = "used", "not a candidate", "candidate, not used"
 INDEX_COLUMNS = [
@@ -43,10 +43,13 @@ INDEX_COLUMNS = [
 
 @dataclass(frozen=True)
 class RoiSpec:
-    """The cube cropped around each fractured body: `size` voxels of `spacing` mm per side."""
+    """What is cached per patient: the cube cropped around each fractured body (`size` voxels of
+    `spacing` mm per side) and, for segmentation, the whole CT and its label map resampled to
+    `volume_spacing` mm, axis-aligned in RAS (None: not cached)."""
 
     size: int = 48
     spacing: float = 1.25
+    volume_spacing: float | None = 2.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,11 @@ def _work(p: _Patient) -> None:
         body = resample_roi(_body_volume(voxels, volume), centre, roi.size, roi.spacing, "nearest", 0.0)
         p.arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
         p.arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
+    if p.arrays and roi.volume_spacing:  # a patient the study keeps: its whole CT serves segmentation
+        image, labels_rs, affine = resample_volume(volume, labels, roi.volume_spacing)
+        p.arrays["volume_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
+        p.arrays["volume_labels"] = labels_rs.astype(np.uint8)
+        p.arrays["volume_affine"] = affine
 
 
 def _body_volume(voxels: np.ndarray | None, volume: Volume) -> Volume:

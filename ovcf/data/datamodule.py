@@ -106,6 +106,7 @@ class CohortDataModule(L.LightningDataModule):
         seed: split seed.
         roi_size: voxels per side of the cube cropped around each fractured body.
         roi_spacing: its isotropic spacing in mm.
+        volume_spacing: isotropic spacing (mm) of the whole-CT volumes cached for segmentation; None: none.
         hu_window: HU range mapped to [0, 1].
         augment: torchio transforms for training samples, `{TransformName: kwargs}`.
         ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
@@ -125,6 +126,7 @@ class CohortDataModule(L.LightningDataModule):
         seed: int = 0,
         roi_size: int = 48,
         roi_spacing: float = 1.25,
+        volume_spacing: float | None = 2.0,
         hu_window: tuple[float, float] = (-250.0, 1250.0),
         augment: dict | None = None,
         ingest: dict | None = None,
@@ -143,7 +145,7 @@ class CohortDataModule(L.LightningDataModule):
         if isinstance(ingest, DictConfig):
             ingest = OmegaConf.to_container(ingest, resolve=True)
         self.save_hyperparameters(logger=False)
-        self.roi = RoiSpec(int(roi_size), float(roi_spacing))
+        self.roi = RoiSpec(int(roi_size), float(roi_spacing), None if volume_spacing is None else float(volume_spacing))
         self.checks = IngestChecks.from_config(ingest)
         self.n_folds = max(2, int(round(1 / val_fraction)))
         if not 0 <= fold < self.n_folds:

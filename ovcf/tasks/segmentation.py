@@ -157,6 +157,13 @@ class SegmentationTask(L.LightningModule):
             )
         return label
 
+    def on_train_epoch_start(self) -> None:
+        """New random patches each epoch, reproducibly (a patch dataset seeds by epoch and index)."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image = batch["image"]
         out = self.net(image)

@@ -1,0 +1,116 @@
+"""Whole-CT volumes of a cohort for segmentation: random patches to train, whole scans to validate and test.
+
+Reuses `CohortDataModule` for everything that decides who is in which set (ingest, exclusions,
+centers, patient folds in `splits.json`), so segmentation and classification always see the same
+patients in the same roles; only the samples differ: each kept patient's CT at `volume_spacing`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ovcf.data.datamodule import CohortDataModule
+from ovcf.errors import ConfigError
+
+
+def _window(image: np.ndarray, hu_window) -> torch.Tensor:
+    lo, hi = hu_window
+    return torch.from_numpy((np.clip(image.astype(np.float32), lo, hi) - lo) / (hi - lo))
+
+
+class VolumeDataset(Dataset):
+    """One item per patient: the windowed CT (1, X, Y, Z) and its VerSe label map (1, X, Y, Z)."""
+
+    def __init__(self, volumes: list[tuple[str, np.ndarray, np.ndarray]], hu_window):
+        self.items = [(name, _window(image, hu_window)[None], torch.from_numpy(labels.astype(np.int64))[None])
+                      for name, image, labels in volumes]  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        name, image, labels = self.items[i]
+        return {"image": image, "label": labels, "id": name}
+
+
+class PatchDataset(Dataset):
+    """`samples_per_volume` random patches per patient and epoch; `foreground` of them centred on a body.
+
+    Forcing some patches onto vertebrae (as nnU-Net oversamples foreground) keeps small bodies from
+    being drowned by background; the rest teach the network what is not a vertebra.
+    """
+
+    def __init__(self, volumes: VolumeDataset, patch_size, samples_per_volume: int, foreground: float, seed: int):
+        self.volumes, self.patch = volumes, np.array(patch_size, int)
+        self.samples, self.foreground, self.seed, self.epoch = samples_per_volume, foreground, seed, 0
+        self.bodies = [torch.nonzero(labels[0]).numpy() for _, _, labels in volumes.items]
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        v = i // self.samples
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        _, image, labels = self.volumes.items[v]
+        shape = np.array(image.shape[1:])
+        bodies = self.bodies[v]
+        if len(bodies) and rng.random() < self.foreground:
+            centre = bodies[rng.integers(len(bodies))]
+        else:
+            centre = rng.integers(0, shape)
+        start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
+        sl = tuple(slice(int(s), int(s + p)) for s, p in zip(start, self.patch))
+        img, lab = image[(slice(None), *sl)], labels[(slice(None), *sl)]
+        pad = [(0, int(p - n)) for p, n in zip(self.patch, img.shape[1:])]  # scans smaller than a patch
+        if any(after for _, after in pad):
+            flat = [x for pair in reversed(pad) for x in pair]
+            img = torch.nn.functional.pad(img, flat, value=0.0)
+            lab = torch.nn.functional.pad(lab, flat, value=0)
+        return {"image": img, "label": lab}
+
+
+class SegmentationDataModule(CohortDataModule):
+    """Patches of the development center's training folds; whole scans for validation and the external test.
+
+    Args:
+        patch_size: voxels per side of the training patches (at `roi`'s `volume_spacing`).
+        samples_per_volume: patches drawn per training patient and epoch.
+        foreground: share of patches centred on a vertebral body.
+        **kwargs: as `CohortDataModule` (cohort, centers, folds, seed, HU window, ingest ...).
+    """
+
+    def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, **kwargs):
+        super().__init__(**kwargs)
+        if self.roi.volume_spacing is None:
+            raise ConfigError("segmentation needs data.volume_spacing (mm) so that ingest caches whole CT volumes")
+        self.patch_size = [int(p) for p in patch_size]
+        self.samples_per_volume, self.foreground = int(samples_per_volume), float(foreground)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        super().setup(stage)  # rows per set, checked and split by patient
+        rows = {name: ds.rows for name, ds in self.datasets.items()}
+        volumes = {name: VolumeDataset(self._volumes(part), self.hparams.hu_window) for name, part in rows.items()}
+        self.datasets = {
+            "train": PatchDataset(volumes["train"], self.patch_size, self.samples_per_volume, self.foreground, self.hparams.seed),
+            "val": volumes["val"],
+            "test": volumes["test"],
+        }
+
+    def _volumes(self, rows: list[dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        out = []
+        for name in dict.fromkeys(r["pseudonym"] for r in rows):
+            with np.load(self.cache / "samples" / f"{name}.npz") as npz:
+                out.append((name, npz["volume_image"], npz["volume_labels"]))
+        return out
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name == "train":
+            return super()._loader(name, shuffle)
+        return DataLoader(self.datasets[name], batch_size=1, num_workers=self.hparams.num_workers)

@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
+from ovcf.data.levels import class_to_verse, decode_classes, encode_verse, level_classes, verse_to_class
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
-from ovcf.models.segmenters import class_to_verse, decode_classes, encode_verse, level_classes, unet, verse_to_class
+from ovcf.models.segmenters import unet
 from ovcf.tasks.segmentation import SegmentationTask, confusion, level_scores
 
 LEVELS = ["L1", "L2"]

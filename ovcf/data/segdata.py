@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovcf.data.datamodule import CohortDataModule
+from ovcf.data.levels import encode_verse
 from ovcf.errors import ConfigError
 
 
@@ -21,11 +22,13 @@ def _window(image: np.ndarray, hu_window) -> torch.Tensor:
 
 
 class VolumeDataset(Dataset):
-    """One item per patient: the windowed CT (1, X, Y, Z) and its VerSe label map (1, X, Y, Z)."""
+    """One item per patient: the windowed CT (1, X, Y, Z) and its class map (1, X, Y, Z), see `ovcf.data.levels`."""
 
-    def __init__(self, volumes: list[tuple[str, np.ndarray, np.ndarray]], hu_window):
-        self.items = [(name, _window(image, hu_window)[None], torch.from_numpy(labels.astype(np.int64))[None])
-                      for name, image, labels in volumes]  # fmt: skip
+    def __init__(self, volumes: list[tuple[str, np.ndarray, np.ndarray]], hu_window, levels=None):
+        self.items = [
+            (name, _window(image, hu_window)[None], encode_verse(torch.from_numpy(labels.astype(np.int64)), levels)[None])
+            for name, image, labels in volumes
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,11 +84,13 @@ class SegmentationDataModule(CohortDataModule):
         patch_size: voxels per side of the training patches (at `roi`'s `volume_spacing`).
         samples_per_volume: patches drawn per training patient and epoch.
         foreground: share of patches centred on a vertebral body.
+        levels: the levels the segmenter predicts (as the task's `levels`; None: all).
         **kwargs: as `CohortDataModule` (cohort, centers, folds, seed, HU window, ingest ...).
     """
 
-    def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, **kwargs):
+    def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, levels=None, **kwargs):
         super().__init__(**kwargs)
+        self.levels = None if levels is None else list(levels)
         if self.roi.volume_spacing is None:
             raise ConfigError("segmentation needs data.volume_spacing (mm) so that ingest caches whole CT volumes")
         self.patch_size = [int(p) for p in patch_size]
@@ -96,7 +101,7 @@ class SegmentationDataModule(CohortDataModule):
             return
         super().setup(stage)  # rows per set, checked and split by patient
         rows = {name: ds.rows for name, ds in self.datasets.items()}
-        volumes = {name: VolumeDataset(self._volumes(part), self.hparams.hu_window) for name, part in rows.items()}
+        volumes = {name: VolumeDataset(self._volumes(part), self.hparams.hu_window, self.levels) for name, part in rows.items()}
         self.datasets = {
             "train": PatchDataset(volumes["train"], self.patch_size, self.samples_per_volume, self.foreground, self.hparams.seed),
             "val": volumes["val"],

@@ -9,10 +9,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
+from ovcf.data.levels import class_to_verse, level_classes
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
 from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
-from ovcf.models.segmenters import class_to_verse, level_classes
 from ovcf.tasks.classification import plain
 
 STAGES = ("val", "test")

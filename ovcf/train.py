@@ -1,4 +1,4 @@
-"""`python -m ovcf.train model=densenet121`: fit on the development center, test on the external one.
+"""`python -m ovcf.train model=densenet121` or `task=segmentation model=unet`: fit on one center, test on the other.
 
 Writes into the run folder: checkpoints (best by the optimized metric, and last), CSV (and W&B)
 logs, `results.json` with the final validation and external-test metrics, and
@@ -23,6 +23,21 @@ from ovcf.errors import ConfigError
 
 def _strip(metrics: dict, prefix: str) -> dict:
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(prefix + "/")}
+
+
+def summary(results: dict) -> str:
+    """One line on the external test, in the task's own metrics."""
+    t, v, ext = results["test"], results["val"], results["centers"]["external"]
+    if results["task"] == "segmentation":
+        return (
+            f"External test (center {ext}, {results['n']['test']} scans): mean Dice {t['dice']:.3f}, "
+            f"level accuracy {t.get('level_accuracy', float('nan')):.3f}  |  val Dice {v['dice']:.3f}"
+        )
+    return (
+        f"External test (center {ext}, {results['n']['test']} vertebrae): "
+        f"AUROC {t['auroc']:.3f}, sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}, "
+        f"accuracy {t['accuracy']:.3f}  |  val AUROC {v['auroc']:.3f}"
+    )
 
 
 def train(cfg: DictConfig) -> float:
@@ -57,24 +72,21 @@ def train(cfg: DictConfig) -> float:
         "val": _strip(val, "val"),
         "test": _strip(test, "test"),
         "centers": datamodule.centers,
-        "n": {name: len(ds) for name, ds in datamodule.datasets.items()},
+        "n": {name: len(getattr(ds, "volumes", ds)) for name, ds in datamodule.datasets.items()},  # samples or scans
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
         "seed": cfg.seed,
         "fit_seconds": round(fit_seconds, 1),
     }
+    if hasattr(model, "per_level_dice"):
+        results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in ("val", "test")}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "splits.json").write_text(json.dumps(datamodule.splits, indent=1))  # which patients trained, validated, tested
-    with open(out / "test_predictions.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "label", "probability"])
-        writer.writeheader()
-        writer.writerows(model.test_predictions)
-
-    t = results["test"]
-    print(
-        f"External test (center {datamodule.centers['external']}, {results['n']['test']} vertebrae): "
-        f"AUROC {t['auroc']:.3f}, sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}, "
-        f"accuracy {t['accuracy']:.3f}  |  val AUROC {results['val']['auroc']:.3f}\nResults: {out / 'results.json'}"
-    )
+    if hasattr(model, "test_predictions"):
+        with open(out / "test_predictions.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["id", "label", "probability"])
+            writer.writeheader()
+            writer.writerows(model.test_predictions)
+    print(f"{summary(results)}\nResults: {out / 'results.json'}")
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 

@@ -108,6 +108,17 @@ class SegmentationDataModule(CohortDataModule):
             "test": volumes["test"],
         }
 
+    def summary(self) -> str:
+        """One line per split: scans (and training patches per epoch), for the log."""
+        lines = []
+        for name in ("train", "val", "test"):
+            ds = self.datasets[name]
+            center = self.centers["external" if name == "test" else "dev"]
+            scans = len(getattr(ds, "volumes", ds))
+            extra = f", {len(ds)} patches of {self.patch_size} per epoch" if name == "train" else ""
+            lines.append(f"{name:>5}: center {center}, {scans} scans{extra}")
+        return "\n".join(lines)
+
     def _volumes(self, rows: list[dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
         out = []
         for name in dict.fromkeys(r["pseudonym"] for r in rows):

@@ -44,6 +44,11 @@ def train(cfg: DictConfig) -> float:
     """Runs fit, then validate and test with the best checkpoint; returns `cfg.optimized_metric`."""
     if not cfg.optimized_metric.startswith("val/"):
         raise ConfigError(f"optimized_metric={cfg.optimized_metric}: models are chosen on validation metrics only (val/...)")
+    from ovcf.models.registry import model_task
+
+    serves = model_task(cfg.model.model_name)
+    if serves is not None and serves != cfg.task:  # unknown names fail at instantiation with the list of names
+        raise ConfigError(f"model {cfg.model.model_name} is a {serves} model, not {cfg.task}: add task={serves}")
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -12,9 +12,11 @@ from conftest import compose_cfg
 
 from ovcf.cli import config_dir
 from ovcf.data import CohortDataModule
-from ovcf.tasks import ClassificationTask
+from ovcf.models.registry import model_task
+from ovcf.tasks import ClassificationTask, SegmentationTask
 
-GROUPS = ["data", "data/augment", "synthetic", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
+GROUPS = ["data", "data/augment", "synthetic", "task", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
+TASK_CLASSES = {"classification": ClassificationTask, "segmentation": SegmentationTask}
 
 
 def _options(group: str) -> list[str]:
@@ -24,11 +26,15 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_option_composes_and_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_cfg("train", [f"{group}={option}"], tmp_path)
+    overrides = [f"{group}={option}"]
+    if group == "model":  # a model option composes with its own task
+        name = compose_cfg("train", overrides).model.model_name
+        overrides.append(f"task={model_task(name)}")
+    cfg = compose_cfg("train", overrides, tmp_path)
     data = hydra.utils.instantiate(cfg.data)
     assert isinstance(data, CohortDataModule)
     model = hydra.utils.instantiate(cfg.model)
-    assert isinstance(model, ClassificationTask)
+    assert isinstance(model, TASK_CLASSES[cfg.task])
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     loggers = [hydra.utils.instantiate(lg) for lg in cfg.logger.values()]
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
@@ -48,7 +54,7 @@ def test_every_model_option_is_a_registered_network():
     from ovcf.models import list_models
 
     for option in _options("model"):
-        assert compose_cfg("train", [f"model={option}"]).model.model_name in list_models("classification")
+        assert compose_cfg("train", [f"model={option}"]).model.model_name in list_models()
 
 
 def test_default_logger_is_wandb_offline_plus_csv(monkeypatch):
@@ -57,3 +63,11 @@ def test_default_logger_is_wandb_offline_plus_csv(monkeypatch):
     assert set(cfg.logger) == {"csv", "wandb"}
     assert cfg.logger.wandb.mode == "offline"
     assert set(compose_cfg("train", ["logger=csv"]).logger) == {"csv"}
+
+
+def test_a_model_of_another_task_is_a_config_error(tmp_path):
+    from ovcf.errors import ConfigError
+    from ovcf.train import train
+
+    with pytest.raises(ConfigError, match="add task=segmentation"):
+        train(compose_cfg("train", ["model=umamba"], tmp_path))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import compose_cfg, run_cli, synthetic_params
 
+from ovcf.contract import LEVEL_ORDER
 from ovcf.data import CohortDataModule
 from ovcf.tasks import ClassificationTask
 
@@ -36,6 +37,20 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     with torch.no_grad():
         out = model.eval()(torch.rand(2, 1, 48, 48, 48))
     assert out.shape == (2,)
+
+
+def test_segmentation_smoke_run_writes_per_level_dice(cli_env, tmp_path):
+    """`task=segmentation model=unet`: patches in, whole external scans out, per-level Dice in results.json."""
+    run = tmp_path / "run"
+    args = ["task=segmentation", "model=unet", "debug=smoke", "model.patch_size=[32,32,32]", f"hydra.run.dir={run}"]
+    proc = run_cli("ovcf.train", args, cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mean Dice" in proc.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "segmentation" and results["model"] == "unet"
+    assert {"dice", "loss", "level_accuracy"} <= set(results["test"])
+    assert results["per_level_dice"]["test"] and set(results["per_level_dice"]["test"]) <= set(LEVEL_ORDER)
+    assert not (run / "test_predictions.csv").exists()
 
 
 def test_multirun_on_a_given_cohort_writes_one_result_per_model(cli_env, tmp_path, tiny_cohort):

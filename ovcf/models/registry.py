@@ -39,3 +39,8 @@ def create_model(name: str, task: str | None = None, **kwargs) -> nn.Module:
         what = f"{task} model" if task else "model"
         raise ConfigError(f"unknown {what} '{name}'; choose one of: {', '.join(list_models(task))}")
     return _MODELS[name][1](**kwargs)
+
+
+def model_task(name: str) -> str | None:
+    """The task a registered network serves, or None for an unknown name."""
+    return _MODELS[name][0] if name in _MODELS else None

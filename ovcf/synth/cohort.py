@@ -78,7 +78,7 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
         add_cement(ideal, labels, grid, levels)
     hu = acquire(ideal, grid, scanner, scanner_rng)
     features = fracture_features(hu, labels, grid.spacing, {LEVEL_IDS[level]: level for level in levels})
-    views = {level: sagittal_view(hu, labels, grid, LEVEL_IDS[level]) for level in levels}
+    views = {level: sagittal_view(hu, labels, grid, LEVEL_IDS[level]) for level in levels} if job["report"] else {}
 
     patient_id = f"{c_idx + 1}{int(rng.integers(0, 10000)):04d}{p_idx:03d}"
     ct_date = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
@@ -198,6 +198,8 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
         )
     problems = _assign_problems(cfg.get("plant") or {}, cfg["patients_per_center"], cfg["seed"])
     orientations = cfg.get("mask_orientations", ["LPS"])
+    # planted implants alternate between cement and screws, starting differently per center
+    implant_patients = sorted(i for i, code in problems.items() if code == "implant")
     jobs = [
         {
             "cfg": cfg,
@@ -207,10 +209,8 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
             "patient_index": p_idx,
             "mask_orientation": orientations[c_idx % len(orientations)],
             "problem": problems.get(p_idx),
-            # planted implants alternate between cement and screws, starting differently per center
-            "implant": IMPLANT_KINDS[(c_idx + sorted(i for i, c in problems.items() if c == "implant").index(p_idx)) % 2]
-            if problems.get(p_idx) == "implant"
-            else None,
+            "implant": IMPLANT_KINDS[(c_idx + implant_patients.index(p_idx)) % 2] if p_idx in implant_patients else None,
+            "report": report,
         }
         for c_idx, center in enumerate(centers)
         for p_idx in range(cfg["patients_per_center"])

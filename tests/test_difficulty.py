@@ -63,3 +63,15 @@ def test_cohort_writes_its_report_and_montage(tiny_cohort):
 
     image = imread(tiny_cohort / "montage.png")
     assert image.shape[0] > 200 and image[..., :3].std() > 0.1, "a picture, not a blank canvas"
+
+
+def test_references_are_the_nearest_intact_bodies_the_scan_holds_whole():
+    """A body cut by the scan's edge and a fractured one are no reference; the two nearest intact bodies are."""
+    hu = np.zeros((10, 10, 50), np.float32)
+    labels = np.zeros(hu.shape, np.int32)
+    for verse, (z0, z1), value in [(19, (0, 8), 400.0), (20, (10, 20), 100.0), (21, (22, 32), 100.0), (22, (34, 44), 120.0)]:
+        labels[2:8, 2:8, z0:z1] = verse
+        hu[2:8, 2:8, z0:z1] = value
+    features = fracture_features(hu, labels, (1.0, 1.0, 1.0), {20: "T12"})[20]
+    assert features["hu_rel"] == -10.0  # against 21 and 22 (median 110), not the cut 19 (400)
+    assert features["height_ratio"] == 1.0

@@ -30,12 +30,14 @@ def _heights(body: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return np.array([np.median(strip[:, t][strip[:, t] > 0]) if (strip[:, t] > 0).any() else 0.0 for t in thirds])
 
 
-def _body_stats(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray) -> dict | None:
-    """Cancellous HU values and heights of one body; None when the scan cuts it."""
+def _body_stats(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray, cut: bool) -> dict | None:
+    """Cancellous HU values and heights of one body (cropped to its box); None when it is empty.
+
+    Args:
+        cut: the body touches the scan's first or last slice, so its heights are not a reference.
+    """
     if not body.any():
         return None
-    zs = np.nonzero(body.any(axis=(0, 1)))[0]
-    cut = zs[0] == 0 or zs[-1] == body.shape[2] - 1
     radius = np.maximum(np.rint(EROSION_MM / spacing).astype(int), 1)
     structure = np.ones(2 * radius + 1, bool)
     inner = ndimage.binary_erosion(body, structure=structure) if body.sum() > 50 else body
@@ -66,7 +68,8 @@ def fracture_features(hu: np.ndarray, labels: np.ndarray, spacing, fractured: di
     boxes = ndimage.find_objects(labels.astype(np.int32))
     for lid in ids:
         box = boxes[lid - 1]
-        s = _body_stats(hu[box], labels[box] == lid, spacing)
+        cut = box[2].start == 0 or box[2].stop == labels.shape[2]
+        s = _body_stats(hu[box], labels[box] == lid, spacing, cut)
         if s is not None:
             stats[lid] = s
     out = {}

@@ -81,9 +81,11 @@ def train(cfg: DictConfig) -> float:
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
         "seed": cfg.seed,
         "fit_seconds": round(fit_seconds, 1),
+        "params": sum(p.numel() for p in model.parameters()),
     }
     if hasattr(model, "per_level_dice"):
         results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in ("val", "test")}
+        results["fracture_dice"] = {stage: model.fracture_dice(stage) for stage in ("val", "test")}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "splits.json").write_text(json.dumps(datamodule.splits, indent=1))  # which patients trained, validated, tested
     if hasattr(model, "test_predictions"):

@@ -25,16 +25,20 @@ def test_patches_and_whole_scans_split_by_patient(tiny_cohort, tmp_path):
     )
     dm.setup()
     train, val, test = (dm.datasets[k] for k in ("train", "val", "test"))
-    names = {k: {item[0] for item in ds.items} for k, ds in (("train", train.volumes), ("val", val), ("test", test))}
+    names = {k: {item["id"] for item in ds.items} for k, ds in (("train", train.volumes), ("val", val), ("test", test))}
     assert names["train"] and names["val"] and names["test"]
     assert not (names["train"] & names["val"]) and not (names["test"] & (names["train"] | names["val"])), "split by patient"
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 1, 32, 32, 32) and batch["label"].shape == (4, 1, 32, 32, 32)
     assert all((batch["label"][i] > 0).any() for i in range(4)), "foreground=1: every patch holds a body"
     assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    assert set(torch.unique(batch["label"]).tolist()) <= {0, 2, 3}, "region classes: background, thoracic, lumbar"
     scan = next(iter(dm.val_dataloader()))
-    assert scan["image"].shape[0] == 1 and scan["image"].shape[2:] == scan["label"].shape[2:]
-    assert len(torch.unique(scan["label"])) >= 6, "background and at least five levels"
+    assert scan["image"].shape[0] == 1 and scan["image"].shape[2:] == scan["label"].shape[2:] == scan["verse"].shape[2:]
+    assert len(torch.unique(scan["verse"])) >= 6, "background and at least five levels"
+    assert torch.allclose(scan["spacing"][0], torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+    fractured = scan["fractured"][0].nonzero().flatten().tolist()
+    assert fractured and set(fractured) <= set(torch.unique(scan["verse"]).tolist()), "named fractures are in the scan"
     a, b = train[0], train[0]
     assert torch.equal(a["image"], b["image"]), "same seed, epoch and index: same patch"
     train.set_epoch(1)

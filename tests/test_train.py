@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import lightning as L
@@ -39,18 +40,23 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     assert out.shape == (2,)
 
 
-def test_segmentation_smoke_run_writes_per_level_dice(cli_env, tmp_path):
-    """`task=segmentation model=unet`: patches in, whole external scans out, per-level Dice in results.json."""
-    run = tmp_path / "run"
-    args = ["task=segmentation", "model=unet", "debug=smoke", "model.patch_size=[32,32,32]", f"hydra.run.dir={run}"]
+def test_segmenter_sweep_writes_a_leaderboard(cli_env, tmp_path):
+    """`-m experiment=segmenters`: all three segmenters run end to end, the leaderboard marks the best by val Dice."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=segmenters", "debug=smoke", "model.patch_size=[32,32,32]", f"hydra.sweep.dir={sweep}"]
     proc = run_cli("ovcf.train", args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mean Dice" in proc.stdout
-    results = json.loads((run / "results.json").read_text())
-    assert results["task"] == "segmentation" and results["model"] == "unet"
-    assert {"dice", "loss", "level_accuracy"} <= set(results["test"])
-    assert results["per_level_dice"]["test"] and set(results["per_level_dice"]["test"]) <= set(LEVEL_ORDER)
-    assert not (run / "test_predictions.csv").exists()
+    assert "mean Dice" in proc.stdout and "Leaderboard:" in proc.stdout
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
+    assert [r["model"] for r in results] == ["unet", "unetr_pp", "umamba"]
+    for r in results:
+        assert r["task"] == "segmentation" and {"dice", "loss", "body_dice"} <= set(r["test"]) and r["params"] > 0
+        assert set(r["per_level_dice"]["test"]) <= set(LEVEL_ORDER)
+    assert not (sweep / "0" / "test_predictions.csv").exists()
+    table = list(csv.DictReader(open(sweep / "leaderboard.csv")))
+    vals = [float(r["val_dice"]) for r in table]
+    assert sorted(r["model"] for r in table) == ["umamba", "unet", "unetr_pp"] and vals == sorted(vals, reverse=True)
+    assert table[0]["best"] == "*" and (sweep / "leaderboard.md").exists()
 
 
 def test_multirun_on_a_given_cohort_writes_one_result_per_model(cli_env, tmp_path, tiny_cohort):

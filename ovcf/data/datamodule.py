@@ -89,6 +89,19 @@ def synthetic_folder(data_dir: Path, params: dict) -> Path:
     return Path(data_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
 
 
+def predicted_mask_warnings(index: list[dict]) -> list[str]:
+    """One line per patient whose named fractured level the predicted mask lacks (or who has no predicted mask)."""
+    missing: dict[str, list[str]] = {}
+    for r in index:
+        if "level_mask_missing" in r["flags"] or "no_mask" in r["reasons"]:
+            missing.setdefault(r["pseudonym"], []).append(r["level"])
+    return [
+        f"{name}: predicted mask lacks {', '.join(levels)}; the ROI is centred on the level's estimated position "
+        "(or the patient is excluded as no_mask)"
+        for name, levels in missing.items()
+    ]
+
+
 class CohortDataModule(L.LightningDataModule):
     """Vertebra samples of a cohort in the cohort format, split by patient.
 
@@ -107,6 +120,8 @@ class CohortDataModule(L.LightningDataModule):
         roi_size: voxels per side of the cube cropped around each fractured body.
         roi_spacing: its isotropic spacing in mm.
         volume_spacing: isotropic spacing (mm) of the whole-CT volumes cached for segmentation; None: none.
+        roi_source: "given" cuts ROIs from the cohort's masks; "predicted" from `predicted_masks`.
+        predicted_masks: the folder `python -m ovcf.segment` wrote (`<pseudonym>.nii.gz` per patient).
         hu_window: HU range mapped to [0, 1].
         augment: torchio transforms for training samples, `{TransformName: kwargs}`.
         ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
@@ -127,6 +142,8 @@ class CohortDataModule(L.LightningDataModule):
         roi_size: int = 48,
         roi_spacing: float = 1.25,
         volume_spacing: float | None = 2.0,
+        roi_source: str = "given",
+        predicted_masks: str | None = None,
         hu_window: tuple[float, float] = (-250.0, 1250.0),
         augment: dict | None = None,
         ingest: dict | None = None,
@@ -151,6 +168,13 @@ class CohortDataModule(L.LightningDataModule):
         if not 0 <= fold < self.n_folds:
             raise ConfigError(
                 f"data.fold={fold} is not one of the {self.n_folds} folds (0..{self.n_folds - 1}) that val_fraction gives"
+            )
+        if roi_source not in ("given", "predicted"):
+            raise ConfigError(f"data.roi_source={roi_source!r}: use 'given' (the cohort's masks) or 'predicted'")
+        if roi_source == "predicted" and not predicted_masks:
+            raise ConfigError(
+                "data.roi_source=predicted needs data.predicted_masks: run python -m ovcf.segment ckpt=<segmenter.ckpt> "
+                "and pass the folder it prints"
             )
         self.augment = build_augment(augment)
         self.datasets: dict[str, VertebraDataset] = {}
@@ -181,11 +205,20 @@ class CohortDataModule(L.LightningDataModule):
             params = {k: v for k, v in hp.synthetic.items() if k != "num_workers"}
             generate_cohort(path, num_workers=hp.ingest_workers, progress=hp.progress, **params)
             print(difficulty_summary(path))
-        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks)
+        masks = hp.predicted_masks if hp.roi_source == "predicted" else None
+        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks, masks)
+        if masks is not None:
+            for line in predicted_mask_warnings(read_index(self.cache)):
+                print(f"warning: {line}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        parts = self.split_rows()
+        self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
+
+    def split_rows(self) -> dict[str, list[dict]]:
+        """Included index rows of each set: "train" and "val" (patient folds of the development center), "test"."""
         hp = self.hparams
         self.prepare_data()
         index = read_index(self.cache)
@@ -197,12 +230,11 @@ class CohortDataModule(L.LightningDataModule):
             empty = dev if not dev_rows else ext
             raise ConfigError(f"center '{empty}' has no included rows in {self.cohort_path}; see {self.cache / 'index.csv'}")
         val_rows = set(self.make_splits(index)["folds"][hp.fold]["rows"])
-        parts = {
+        return {
             "train": [r for r in dev_rows if r["row"] not in val_rows],
             "val": [r for r in dev_rows if r["row"] in val_rows],
             "test": ext_rows,
         }
-        self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
 
     def make_splits(self, index: list[dict] | None = None) -> dict:
         """Patient folds of the development center and the external test set, written to `splits.json`."""

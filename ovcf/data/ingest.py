@@ -33,7 +33,7 @@ from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi, resam
 from ovcf.errors import CohortError
 from ovcf.parallel import pool_map, worker_pool
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # Series report statuses besides the `SERIES_PROBLEMS` codes (and mask_mismatch) of rejected series.
 USED, NOT_CANDIDATE, UNUSED = "used", "not a candidate", "candidate, not used"
 INDEX_COLUMNS = [
@@ -96,8 +96,9 @@ def _fingerprint(cohort: Path, settings: str) -> str:
     return h.hexdigest()
 
 
-def cache_folder(cohort: Path, cache_root: Path, roi: RoiSpec) -> Path:
-    name = hashlib.sha256(json.dumps([str(cohort), asdict(roi), CACHE_VERSION]).encode()).hexdigest()[:16]
+def cache_folder(cohort: Path, cache_root: Path, roi: RoiSpec, masks: Path | None = None) -> Path:
+    key = [str(cohort), asdict(roi), CACHE_VERSION] + ([str(masks)] if masks is not None else [])
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return Path(cache_root).expanduser() / "cohorts" / name
 
 
@@ -215,7 +216,9 @@ def _work(p: _Patient) -> None:
         if r.ct_date is None and "interval" in r.exclusions(dicom_date):
             p.add(r.row, "interval", f"CT (DICOM date) and MRI more than {MAX_CT_MRI_DAYS} days apart")
     if labels is None:
-        p.add(None, "no_mask", "no mask file: this patient needs a predicted mask", flag="no_mask")
+        p.add(None, "no_mask", "no mask file: run python -m ovcf.segment and use data.roi_source=predicted", flag="no_mask")
+        if roi.volume_spacing:  # segment predicts the mask from this
+            p.arrays.update(_volume_arrays(volume, None, roi.volume_spacing))
         return
 
     q = checks.quality
@@ -254,10 +257,21 @@ def _work(p: _Patient) -> None:
         p.arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
         p.arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
     if p.arrays and roi.volume_spacing:  # a patient the study keeps: its whole CT serves segmentation
-        image, labels_rs, affine = resample_volume(volume, labels, roi.volume_spacing)
-        p.arrays["volume_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
-        p.arrays["volume_labels"] = labels_rs.astype(np.uint8)
-        p.arrays["volume_affine"] = affine
+        p.arrays.update(_volume_arrays(volume, labels, roi.volume_spacing))
+
+
+def _volume_arrays(volume: Volume, labels: np.ndarray | None, spacing: float) -> dict:
+    """The whole CT (and labels) at `spacing` mm, and the CT's own grid, where predicted masks go back to."""
+    image, labels_rs, affine = resample_volume(volume, labels, spacing)
+    arrays = {
+        "volume_image": np.clip(np.rint(image), -32768, 32767).astype(np.int16),
+        "volume_affine": affine,
+        "ct_affine": volume.affine,
+        "ct_shape": np.array(volume.array.shape),
+    }
+    if labels_rs is not None:
+        arrays["volume_labels"] = labels_rs.astype(np.uint8)
+    return arrays
 
 
 def _body_volume(voxels: np.ndarray | None, volume: Volume) -> Volume:
@@ -336,20 +350,25 @@ def _scan(cohort: Path, num_workers: int, progress: bool, pool) -> dict:
 
 
 def _jobs(
-    cohort: Path, rows: list[ClinicalRow], by_patient: dict, key: bytes, settings: str, roi, checks, out: Path
+    cohort: Path, rows: list[ClinicalRow], by_patient: dict, key: bytes, settings: str, roi, checks, out: Path, masks=None
 ) -> list[dict]:
-    """One job per patient of the CSV, with the content hash that decides whether its cache is fresh."""
+    """One job per patient of the CSV, with the content hash that decides whether its cache is fresh.
+
+    Masks come from the cohort (`masks/<patient_id>.nii.gz`) or, when `masks` names a folder of predicted masks,
+    from `<masks>/<pseudonym>.nii.gz` as `ovcf.segment` writes them.
+    """
     patients: dict[str, list[ClinicalRow]] = {}
     for r in rows:
         patients.setdefault(r.patient_id, []).append(r)
     jobs = []
     for pid, prow in patients.items():
-        mask = cohort / MASKS_DIR / f"{pid}.nii.gz"
+        name = pseudonym(pid, key)
+        mask = cohort / MASKS_DIR / f"{pid}.nii.gz" if masks is None else masks / f"{name}.nii.gz"
         mask = mask if mask.is_file() else None
         series = by_patient.get(pid, [])
         jobs.append(
             {
-                "pseudonym": pseudonym(pid, key),
+                "pseudonym": name,
                 "hash": _patient_hash(prow, series, mask, settings),
                 "rows": prow,
                 "series": series,
@@ -371,8 +390,12 @@ def ingest(
     num_workers: int = 1,
     progress: bool = True,
     checks: IngestChecks | dict | None = None,
+    masks: str | Path | None = None,
 ) -> Path:
     """Ingests `cohort` (or reuses its fresh cache) and returns the cache folder.
+
+    `masks`: a folder of predicted masks (`<pseudonym>.nii.gz` on the CT's voxels, from `ovcf.segment`) to cut the
+    ROIs from instead of the cohort's own masks; it gets a cache of its own.
 
     The folder holds `index.csv` (one line per clinical row, pseudonymised, with `included`,
     exclusion `reasons` and reader `flags`), `samples/<pseudonym>.npz` (ROI image in HU and body
@@ -381,9 +404,13 @@ def ingest(
     """
     checks = checks if isinstance(checks, IngestChecks) else IngestChecks.from_config(checks)
     cohort = check_cohort(Path(cohort))
-    out = cache_folder(cohort, Path(cache_root), roi)
+    if masks is not None:
+        masks = Path(masks).expanduser().resolve()
+        if not masks.is_dir():
+            raise CohortError(f"predicted masks folder {masks} does not exist; write it with python -m ovcf.segment ckpt=...")
+    out = cache_folder(cohort, Path(cache_root), roi, masks)
     key = load_key(Path(key_file))
-    settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest()])
+    settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
     fingerprint = _fingerprint(cohort, settings)
     stamp = out / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
@@ -395,7 +422,7 @@ def ingest(
     with worker_pool(num_workers) as pool:  # workers start once for both passes
         scan = _scan(cohort, num_workers, progress, pool)
         records, jobs = {}, []
-        for job in _jobs(cohort, rows, scan["by_patient"], key, settings, roi, checks, out):
+        for job in _jobs(cohort, rows, scan["by_patient"], key, settings, roi, checks, out, masks):
             done = out / "patients" / f"{job['pseudonym']}.json"
             record = json.loads(done.read_text()) if done.exists() else {}
             if record.get("hash") == job["hash"]:

@@ -1,7 +1,7 @@
-"""Segmentation classes: background 0, then one class per vertebral level in cranio-caudal order.
+"""Level classes: background 0, then one class per vertebral level in cranio-caudal order.
 
-Kept with the data (not the networks) because the cached label maps, the segmentation task and the
-`segment` command must agree on them; VerSe ids stay the only labels written to disk.
+The segmentation task scores its level maps in these classes (a confusion matrix needs dense
+indices, VerSe ids have gaps); VerSe ids stay the only labels written to disk.
 """
 
 from __future__ import annotations
@@ -64,9 +64,3 @@ def encode_verse(mask: torch.Tensor, levels: Sequence[str] | None = None) -> tor
     for verse, c in verse_to_class(levels).items():
         lut[verse] = c
     return lut.to(mask.device)[mask]
-
-
-def decode_classes(classes: torch.Tensor, levels: Sequence[str] | None = None) -> torch.Tensor:
-    """Class indices (e.g. an argmax) as VerSe ids; the inverse of `encode_verse` on the levels kept."""
-    lut = torch.tensor(class_to_verse(levels), dtype=torch.long, device=classes.device)
-    return lut[classes.long()]

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ovcf.contract import LEVEL_IDS
 from ovcf.data.datamodule import CohortDataModule
-from ovcf.data.levels import encode_verse
+from ovcf.data.instances import region_target
 from ovcf.errors import ConfigError
 
 
@@ -22,20 +23,35 @@ def _window(image: np.ndarray, hu_window) -> torch.Tensor:
 
 
 class VolumeDataset(Dataset):
-    """One item per patient: the windowed CT (1, X, Y, Z) and its class map (1, X, Y, Z), see `ovcf.data.levels`."""
+    """One item per patient: what a segmenter trains on and is scored against.
 
-    def __init__(self, volumes: list[tuple[str, np.ndarray, np.ndarray]], hu_window, levels=None):
-        self.items = [
-            (name, _window(image, hu_window)[None], encode_verse(torch.from_numpy(labels.astype(np.int64)), levels)[None])
-            for name, image, labels in volumes
-        ]
+    Items: "image" (1, X, Y, Z) windowed CT; "label" (1, X, Y, Z) region classes with touching voxels left empty
+    (`region_target`); "verse" (1, X, Y, Z) the true VerSe ids; "fractured" a bool per VerSe id, True for the levels
+    the cohort names fractured; "spacing" (3,) mm; "id" the pseudonym.
+    """
+
+    def __init__(self, volumes: list[dict], hu_window):
+        self.items = []
+        for v in volumes:
+            fractured = torch.zeros(max(LEVEL_IDS.values()) + 1, dtype=torch.bool)
+            fractured[[LEVEL_IDS[level] for level in v["fractured"] if level in LEVEL_IDS]] = True
+            labels = v["labels"].astype(np.int64)
+            self.items.append(
+                {
+                    "image": _window(v["image"], hu_window)[None],
+                    "label": torch.from_numpy(region_target(labels))[None],
+                    "verse": torch.from_numpy(labels)[None],
+                    "fractured": fractured,
+                    "spacing": torch.tensor(v["spacing"], dtype=torch.float64),
+                    "id": v["name"],
+                }
+            )
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        name, image, labels = self.items[i]
-        return {"image": image, "label": labels, "id": name}
+        return self.items[i]
 
 
 class PatchDataset(Dataset):
@@ -48,7 +64,7 @@ class PatchDataset(Dataset):
     def __init__(self, volumes: VolumeDataset, patch_size, samples_per_volume: int, foreground: float, seed: int):
         self.volumes, self.patch = volumes, np.array(patch_size, int)
         self.samples, self.foreground, self.seed, self.epoch = samples_per_volume, foreground, seed, 0
-        self.bodies = [torch.nonzero(labels[0]).numpy() for _, _, labels in volumes.items]
+        self.bodies = [torch.nonzero(item["label"][0]).numpy() for item in volumes.items]
 
     def __len__(self) -> int:
         return len(self.volumes) * self.samples
@@ -59,7 +75,7 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         v = i // self.samples
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        _, image, labels = self.volumes.items[v]
+        image, labels = self.volumes.items[v]["image"], self.volumes.items[v]["label"]
         shape = np.array(image.shape[1:])
         bodies = self.bodies[v]
         if len(bodies) and rng.random() < self.foreground:
@@ -84,13 +100,11 @@ class SegmentationDataModule(CohortDataModule):
         patch_size: voxels per side of the training patches (at `roi`'s `volume_spacing`).
         samples_per_volume: patches drawn per training patient and epoch.
         foreground: share of patches centred on a vertebral body.
-        levels: the levels the segmenter predicts (as the task's `levels`; None: all).
         **kwargs: as `CohortDataModule` (cohort, centers, folds, seed, HU window, ingest ...).
     """
 
-    def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, levels=None, **kwargs):
+    def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, **kwargs):
         super().__init__(**kwargs)
-        self.levels = None if levels is None else list(levels)
         if self.roi.volume_spacing is None:
             raise ConfigError("segmentation needs data.volume_spacing (mm) so that ingest caches whole CT volumes")
         self.patch_size = [int(p) for p in patch_size]
@@ -99,9 +113,7 @@ class SegmentationDataModule(CohortDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        super().setup(stage)  # rows per set, checked and split by patient
-        rows = {name: ds.rows for name, ds in self.datasets.items()}
-        volumes = {name: VolumeDataset(self._volumes(part), self.hparams.hu_window, self.levels) for name, part in rows.items()}
+        volumes = {name: VolumeDataset(self._volumes(rows), self.hparams.hu_window) for name, rows in self.split_rows().items()}
         self.datasets = {
             "train": PatchDataset(volumes["train"], self.patch_size, self.samples_per_volume, self.foreground, self.hparams.seed),
             "val": volumes["val"],
@@ -119,11 +131,28 @@ class SegmentationDataModule(CohortDataModule):
             lines.append(f"{name:>5}: center {center}, {scans} scans{extra}")
         return "\n".join(lines)
 
-    def _volumes(self, rows: list[dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def _volumes(self, rows: list[dict]) -> list[dict]:
+        """Each patient's cached CT volume, labels and spacing, and the levels its rows name fractured."""
+        fractured: dict[str, list[str]] = {}
+        for r in rows:
+            fractured.setdefault(r["pseudonym"], []).append(r["level"])
         out = []
-        for name in dict.fromkeys(r["pseudonym"] for r in rows):
-            with np.load(self.cache / "samples" / f"{name}.npz") as npz:
-                out.append((name, npz["volume_image"], npz["volume_labels"]))
+        for name, levels in fractured.items():
+            path = self.cache / "samples" / f"{name}.npz"
+            with np.load(path) as npz:
+                if "volume_image" not in npz:
+                    raise ConfigError(f"{path} holds no whole-CT volume; delete {self.cache} so ingest caches it again")
+                affine = npz["volume_affine"]
+                spacing = np.linalg.norm(affine[:3, :3], axis=0)
+                out.append(
+                    {
+                        "name": name,
+                        "image": npz["volume_image"],
+                        "labels": npz["volume_labels"],
+                        "spacing": spacing,
+                        "fractured": levels,
+                    }
+                )
         return out
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:

@@ -115,14 +115,16 @@ def resample_roi(
     return ndimage.map_coordinates(array, coords, order=order, mode="constant", cval=fill, prefilter=False).astype(np.float32)
 
 
-def resample_volume(volume: Volume, labels: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def resample_volume(
+    volume: Volume, labels: np.ndarray | None, spacing: float
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The whole CT and its label map on an isotropic RAS grid of `spacing` mm covering the scan.
 
     Segmentation trains on patches of one resolution whatever the scanner, and its predictions
     go back to the CT's own grid through the returned voxel-to-RAS affine.
 
     Returns:
-        (image in HU, labels, 4x4 affine), the arrays indexed along R, A, S.
+        (image in HU, labels (None without), 4x4 affine), the arrays indexed along R, A, S.
     """
     shape = np.array(volume.array.shape)
     corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
@@ -131,7 +133,9 @@ def resample_volume(volume: Volume, labels: np.ndarray, spacing: float) -> tuple
     size = tuple(int(n) for n in np.floor((hi - lo) / spacing) + 1)
     centre = lo + (np.array(size) - 1) * spacing / 2
     image = resample_roi(volume, centre, size, spacing)
-    label_map = resample_roi(Volume(labels, volume.affine), centre, size, spacing, "nearest", 0.0)
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = lo
+    if labels is None:
+        return image, None, affine
+    label_map = resample_roi(Volume(labels, volume.affine), centre, size, spacing, "nearest", 0.0)
     return image, np.rint(label_map).astype(np.int16), affine

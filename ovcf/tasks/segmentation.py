@@ -1,15 +1,25 @@
-"""Vertebra segmentation with one class per level, so the network both outlines and names each vertebra."""
+"""Vertebral-body segmentation: a network finds bodies and their region, counting names the levels.
+
+The network predicts four classes per voxel: background, cervical, thoracic or lumbar body (a
+thoracic body is the one with rib heads beside it, visible within one patch); `ovcf.data.instances`
+then splits the bodies apart and counts them along the spine, anchored at the region boundaries
+(the last rib), to give one VerSe id per body. Per-level classes would ask a patch to tell L2 from
+L3, which it cannot see; a count can.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from ovcf.data.levels import class_to_verse, level_classes
+from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
+from ovcf.data.instances import REGIONS, Assignment, assign_levels
+from ovcf.data.levels import encode_verse, level_classes
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
 from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
@@ -73,34 +83,44 @@ def level_scores(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return dice, identified & present, (pred > 0) & ~present
 
 
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    total = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int((pred & truth).sum()) / total if total else float("nan")
+
+
 class SegmentationTask(L.LightningModule):
     """Trains a registry segmenter on patches with Dice + CE and evaluates whole volumes by sliding windows.
 
-    Class 0 is background and class i + 1 the i-th level of `level_classes(levels)` (cranio-caudal order); masks given
-    to the task are class indices (see `ovcf.models.segmenters.encode_verse`), and `predict_volume` returns VerSe ids.
+    Training targets are region classes (0 background, 1 + `REGIONS.index(r)`), with the voxels where two bodies touch
+    left empty so that every body stays its own component (see `ovcf.data.instances.region_target`). Evaluation and
+    `predict_volume` give VerSe ids after `assign_levels`.
 
     Deep supervision: networks that return several outputs in training (a list/tuple, full resolution first, or
-    DynUNet's stack on dim 1) are trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ...; the target is
-    downsampled nearest-exact to coarser outputs), which is what deep supervision is for; in eval mode every registry
-    segmenter returns the full-resolution logits alone, so validation and inference are unaffected.
+    DynUNet's stack on dim 1) are trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ...); in eval mode
+    every registry segmenter returns the full-resolution logits alone.
 
-    Metrics (per stage "val"/"test"): `{stage}/loss` (Dice + CE on the whole volume), `{stage}/dice` (per volume the mean
-    Dice over the levels present in its ground truth, background excluded, see `level_scores`; averaged over volumes),
-    and at epoch end `{stage}/dice_<level>`, `{stage}/level_accuracy` (share of true bodies identified) and
-    `{stage}/spurious_levels` (levels predicted but absent from the truth, per volume). The epoch's per-level scores are
-    kept in `per_level_dice(stage)` and `level_accuracy(stage)`; they are per process (not synced across devices).
+    Metrics (per stage "val"/"test"): `{stage}/loss` (Dice + CE of the regions on the whole volume); `{stage}/dice`
+    (per volume, the mean Dice over the levels present in its ground truth after level assignment, background
+    excluded, see `level_scores`; averaged over volumes); `{stage}/body_dice` (all bodies against all bodies, levels
+    ignored: the segmentation alone); and at epoch end `{stage}/dice_<level>`, `{stage}/dice_fractured` and
+    `{stage}/dice_intact` (Dice of each true body, pooled by whether the cohort names it fractured),
+    `{stage}/level_accuracy` (share of true bodies whose majority predicted level is their own) and
+    `{stage}/spurious_levels`. The epoch's scores are kept in `per_level_dice(stage)`, `fracture_dice(stage)` and
+    `level_accuracy(stage)`, per process (not synced across devices).
 
     Args:
         model_name: a name from `ovcf.models.list_models("segmentation")`.
-        model_kwargs: keyword arguments of that network's factory, except in_channels/out_channels, which follow
-            from `levels`; for "unetr_pp" img_size defaults to `patch_size`.
-        levels: level names to segment (default: every level, C1..L6 with T13).
+        model_kwargs: keyword arguments of that network's factory, except in_channels/out_channels (one CT channel,
+            background + regions); for "unetr_pp" img_size defaults to `patch_size`.
+        levels: the levels scored and returned (default: every level); the network still learns every body, since
+            the count needs them all.
         patch_size: training patch and sliding-window size; must suit the network (multiple of 32 for unetr_pp,
             of the product of strides for unet).
         lr: AdamW learning rate (cosine-annealed over the run when max_epochs is known).
         weight_decay: AdamW weight decay.
         sw_batch_size: windows per forward pass in sliding-window inference.
         sw_overlap: overlap of neighbouring windows (Gaussian-weighted blending).
+        min_body_ml: predicted components smaller than this are noise, not bodies.
     """
 
     def __init__(
@@ -113,6 +133,7 @@ class SegmentationTask(L.LightningModule):
         weight_decay: float = 1e-5,
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
+        min_body_ml: float = 2.0,
     ):
         super().__init__()
         model_kwargs = plain(model_kwargs)  # checkpoints must hold only primitives
@@ -120,11 +141,11 @@ class SegmentationTask(L.LightningModule):
         patch_size = _patch_size(patch_size)
         self.save_hyperparameters()
         self.levels = levels
-        self.num_classes = len(levels) + 1
+        self.num_classes = len(REGIONS) + 1
         clash = sorted({"in_channels", "out_channels"} & set(model_kwargs))
         if clash:
             raise ConfigError(
-                f"model_kwargs must not set {clash}: the input is one CT channel and the classes follow from levels"
+                f"model_kwargs must not set {clash}: the input is one CT channel and the classes are background + regions"
             )
         build = dict(model_kwargs)
         if model_name == "unetr_pp":
@@ -137,11 +158,15 @@ class SegmentationTask(L.LightningModule):
         self.net = create_model(model_name, task="segmentation", in_channels=1, out_channels=self.num_classes, **build)
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
         self.train_loss = DeepSupervisionLoss(self.dice_ce)
-        self.register_buffer("verse_ids", torch.tensor(class_to_verse(levels), dtype=torch.long), persistent=False)
+        keep = np.zeros(max(LEVEL_IDS.values()) + 1, bool)
+        keep[[LEVEL_IDS[level] for level in levels]] = True
+        self._keep = keep  # VerSe id -> scored and returned
         self._scores = {stage: self._empty_scores() for stage in STAGES}
+        self.overlays: dict[str, list] = {stage: [] for stage in STAGES}
 
     def _empty_scores(self) -> dict:
-        return {"dice_sum": [0.0] * len(self.levels), "dice_n": [0] * len(self.levels), "identified": 0, "bodies": 0}
+        n = len(LEVEL_ORDER)
+        return {"dice_sum": [0.0] * n, "dice_n": [0] * n, "identified": 0, "bodies": 0, "fractured": [], "intact": []}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.net(image)
@@ -153,7 +178,7 @@ class SegmentationTask(L.LightningModule):
         if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
             raise ValueError(
                 f"label holds class {int(label.max())} but the task has classes 0..{self.num_classes - 1} "
-                f"(background + {self.levels}): give class indices, e.g. via ovcf.models.segmenters.encode_verse"
+                f"(background + {', '.join(REGIONS)}): give region classes, see ovcf.data.instances.region_target"
             )
         return label
 
@@ -185,77 +210,111 @@ class SegmentationTask(L.LightningModule):
             mode="gaussian",
         )
 
-    def _evaluate(self, batch: dict, stage: str) -> None:
+    def levels_of(self, regions: np.ndarray, spacing) -> tuple[np.ndarray, Assignment]:
+        """VerSe ids (X, Y, Z) of a region map (RAS), restricted to `levels`, and how they were counted."""
+        verse, assignment = assign_levels(regions, spacing, self.hparams.min_body_ml)
+        return np.where(self._keep[verse], verse, 0).astype(np.int64), assignment
+
+    def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
         image, label = batch["image"], self._label(batch)
         logits = self.sliding_window(image)
         loss = self.dice_ce(logits, label)
-        pred = logits.argmax(1)
+        regions = logits.argmax(1).cpu().numpy()
         scores = self._scores[stage]
-        dices, spurious = [], []
+        dices, bodies, spurious = [], [], []
         for b in range(len(image)):
-            dice, identified, extra = level_scores(confusion(pred[b], label[b, 0], self.num_classes))
+            spacing = batch["spacing"][b].cpu().numpy() if "spacing" in batch else np.ones(3)
+            pred, _ = self.levels_of(regions[b], spacing)
+            truth = batch["verse"][b, 0].cpu().numpy()
+            truth = np.where(self._keep[np.clip(truth, 0, len(self._keep) - 1)], truth, 0)
+            cm = confusion(encode_verse(torch.from_numpy(pred)), encode_verse(torch.from_numpy(truth)), len(LEVEL_ORDER) + 1)
+            dice, identified, extra = level_scores(cm)
             present = ~dice.isnan()
+            fractured = set(batch["fractured"][b].nonzero().flatten().tolist()) if "fractured" in batch else set()
             for i in present.nonzero().flatten().tolist():
                 scores["dice_sum"][i] += float(dice[i])
                 scores["dice_n"][i] += 1
+                group = "fractured" if LEVEL_IDS[LEVEL_ORDER[i]] in fractured else "intact"
+                scores[group].append(float(dice[i]))
             scores["identified"] += int(identified.sum())
             scores["bodies"] += int(present.sum())
             if present.any():
-                dices.append(dice[present].mean())
-            spurious.append(extra.sum().float())
+                dices.append(float(dice[present].mean()))
+            body = _dice(pred > 0, truth > 0)
+            if body == body:
+                bodies.append(body)
+            spurious.append(float(extra.sum()))
+            if len(self.overlays[stage]) < 4:
+                self.overlays[stage].append((image[b, 0].cpu().numpy(), truth, pred))
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(image))
         if dices:  # volumes without any vertebra have no Dice and do not enter the mean
-            self.log(
-                f"{stage}/dice",
-                torch.stack(dices).mean().float(),
-                on_step=False,
-                on_epoch=True,
-                prog_bar=True,
-                batch_size=len(dices),
-            )
-        self.log(f"{stage}/spurious_levels", torch.stack(spurious).mean(), on_step=False, on_epoch=True, batch_size=len(image))
+            self.log(f"{stage}/dice", float(np.mean(dices)), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(dices))
+        if bodies:
+            self.log(f"{stage}/body_dice", float(np.mean(bodies)), on_step=False, on_epoch=True, batch_size=len(bodies))
+        self.log(f"{stage}/spurious_levels", float(np.mean(spurious)), on_step=False, on_epoch=True, batch_size=len(image))
 
     def _log_epoch(self, stage: str) -> None:
         for level, dice in self.per_level_dice(stage).items():
             self.log(f"{stage}/dice_{level}", dice)
+        for group, dice in self.fracture_dice(stage).items():
+            self.log(f"{stage}/dice_{group}", dice)
         accuracy = self.level_accuracy(stage)
         if accuracy == accuracy:  # not NaN
             self.log(f"{stage}/level_accuracy", accuracy)
+        self._log_overlays(stage)
+
+    def _log_overlays(self, stage: str) -> None:
+        """Predicted vs true levels on mid-sagittal CT slices, to W&B when it logs (nothing otherwise)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        from ovcf.eval.overlay import overlay
+
+        loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
+        if loggers and self.overlays[stage] and not self.trainer.sanity_checking:
+            images = [overlay(*item) for item in self.overlays[stage]]
+            for lg in loggers:
+                lg.log_image(f"{stage}/overlay", images=images, caption=["CT | truth | prediction"] * len(images))
 
     def per_level_dice(self, stage: str = "val") -> dict[str, float]:
         """Mean Dice of each level over the volumes of the last `stage` epoch whose ground truth contains it."""
         scores = self._scores[stage]
-        return {level: s / n for level, s, n in zip(self.levels, scores["dice_sum"], scores["dice_n"]) if n}
+        return {level: s / n for level, s, n in zip(LEVEL_ORDER, scores["dice_sum"], scores["dice_n"]) if n}
+
+    def fracture_dice(self, stage: str = "val") -> dict[str, float]:
+        """Mean Dice of the true bodies the cohort names fractured, and of the others, in the last `stage` epoch."""
+        scores = self._scores[stage]
+        return {group: float(np.mean(scores[group])) for group in ("fractured", "intact") if scores[group]}
 
     def level_accuracy(self, stage: str = "val") -> float:
         """Share of the last `stage` epoch's ground-truth bodies whose majority predicted level is their own (NaN if none)."""
         scores = self._scores[stage]
         return scores["identified"] / scores["bodies"] if scores["bodies"] else float("nan")
 
+    def _reset(self, stage: str) -> None:
+        self._scores[stage] = self._empty_scores()
+        self.overlays[stage] = []
+
     def on_validation_epoch_start(self) -> None:
-        self._scores["val"] = self._empty_scores()
+        self._reset("val")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def on_test_epoch_start(self) -> None:
-        self._scores["test"] = self._empty_scores()
+        self._reset("test")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
     @torch.no_grad()
-    def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
-        """VerSe ids (X, Y, Z), long, on the input's grid and device, of one volume (1, 1, X, Y, Z); 0 is background.
-
-        Runs in eval mode (restoring the previous mode), so deep-supervision heads and dropout are off.
-        """
+    def predict_regions(self, image: torch.Tensor) -> np.ndarray:
+        """Region classes (X, Y, Z) of one volume (1, 1, X, Y, Z), in eval mode (restoring the previous mode)."""
         if image.ndim != 5 or tuple(image.shape[:2]) != (1, 1):
             raise ValueError(f"predict_volume takes one volume of shape (1, 1, X, Y, Z), got {tuple(image.shape)}")
         was_training = self.training
@@ -264,10 +323,24 @@ class SegmentationTask(L.LightningModule):
             logits = self.sliding_window(image.to(device=self.device, dtype=torch.float32))
         finally:
             self.train(was_training)
-        return self.verse_ids[logits.argmax(1)[0]].to(image.device)
+        return logits.argmax(1)[0].cpu().numpy()
+
+    def predict_volume(self, image: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, Assignment]:
+        """VerSe ids (X, Y, Z), long, on the input's grid, of one windowed volume (1, 1, X, Y, Z) in RAS order.
+
+        Args:
+            image: the CT as the data module gives it (HU window scaled to 0..1).
+            spacing: mm per voxel; the count drops pieces under `min_body_ml` and splits bodies taller than a body.
+
+        Returns:
+            (label map, how the levels were counted).
+        """
+        verse, assignment = self.levels_of(self.predict_regions(image), np.asarray(spacing, float))
+        return torch.from_numpy(verse).to(image.device), assignment
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.predict_volume(batch["image"])
+        spacing = batch["spacing"][0].cpu().numpy() if "spacing" in batch else (1.0, 1.0, 1.0)
+        return self.predict_volume(batch["image"], spacing)[0]
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,217 @@
+"""From a region map (background, cervical, thoracic, lumbar body) to one VerSe id per vertebral body.
+
+A segmenter sees a patch, not the whole spine, so it cannot tell L2 from L3; it can tell a body
+that carries ribs (thoracic) from one that does not (lumbar), because the rib heads sit right
+next to it. This module turns that local answer into levels the way a radiologist counts: split
+the body mask into single bodies, order them cranio-caudally and slide the standard spine
+(C1..C7, T1..T12, L1..L5) along them until the regions agree best. Where a region boundary is in
+view (the last rib: T12 above L1) the count is anchored; where it is not, the run is placed as
+far caudally as fits (a lumbar scan usually ends at the sacrum) and the result says so.
+
+Arrays are indexed like the cached volumes: RAS, so the last axis runs caudal to cranial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ovcf.contract import LEVEL_IDS
+
+REGIONS = ("C", "T", "L")  # region class i + 1; 0 is background
+STANDARD_SPINE = [*(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 13)), *(f"L{i}" for i in range(1, 6)), "S1"]
+MAX_BODY_MM = 45.0  # a component taller than this (cranio-caudally) is taken for bodies bridged across a disc
+COLUMN_MM = 25.0  # most a body's centre may lie off its neighbour's (left-right, antero-posterior)
+MAX_GAP_MM = 25.0  # most space between neighbouring bodies (a disc, or a body the segmenter missed)
+MAX_OVERLAP_MM = 15.0  # bodies tilted with the spine's curve overlap in height
+
+
+def region_of(level: str) -> int:
+    """Region class of a level name: 1 cervical, 2 thoracic (T13 too), 3 lumbar (L6 too; S1 looks lumbar)."""
+    return REGIONS.index("L" if level == "S1" else level[0]) + 1
+
+
+def region_lut() -> np.ndarray:
+    """VerSe id -> region class, for every id of the contract (other ids map to background)."""
+    lut = np.zeros(max(LEVEL_IDS.values()) + 1, np.int64)
+    for level, verse in LEVEL_IDS.items():
+        lut[verse] = region_of(level)
+    return lut
+
+
+def touching(labels: np.ndarray) -> np.ndarray:
+    """Voxels of a body that face a voxel of another body (6-neighbourhood).
+
+    Where a collapsed body presses on its neighbour the disc vanishes at 2 mm, and a mask would join the two; a
+    segmenter trained to leave these voxels empty keeps every body its own connected component.
+    """
+    cross = ndimage.generate_binary_structure(labels.ndim, 1)
+    higher = ndimage.maximum_filter(labels, footprint=cross, mode="constant", cval=0)
+    lower = ndimage.minimum_filter(np.where(labels > 0, labels, np.iinfo(np.int32).max).astype(np.int32), footprint=cross)
+    return (labels > 0) & ((higher != labels) & (higher > 0) | (lower != labels) & (lower != np.iinfo(np.int32).max))
+
+
+def region_target(verse: np.ndarray) -> np.ndarray:
+    """Training target of a VerSe label map: region classes, with the voxels where two bodies touch left empty."""
+    verse = verse.astype(np.int32)
+    lut = region_lut()
+    regions = lut[np.clip(verse, 0, len(lut) - 1)] * (verse < len(lut))
+    regions[touching(verse)] = 0
+    return regions.astype(np.int64)
+
+
+@dataclass
+class Assignment:
+    """Levels found in one scan and how sure the count is.
+
+    Attributes:
+        levels: level name per body, cranial first.
+        anchored: a region boundary (e.g. the last rib) fixed the count; False when the run was placed by the
+            caudal rule alone.
+        agreement: share of body voxels whose region matches the assigned level's region.
+        dropped: components discarded as too small to be a body.
+    """
+
+    levels: list[str] = field(default_factory=list)
+    anchored: bool = False
+    agreement: float = float("nan")
+    dropped: int = 0
+
+
+def _split(component: np.ndarray, spacing: np.ndarray, min_voxels: int) -> list[np.ndarray]:
+    """Cuts a component that is too tall for one body into bodies, by eroding until it falls apart.
+
+    Discs are the narrowest part of a stack of bodies, so the first erosion that leaves two or more
+    sizeable pieces has cut through them; every voxel then goes to the nearest piece.
+    """
+    zs = np.nonzero(component.any(axis=(0, 1)))[0]
+    if (zs[-1] - zs[0] + 1) * spacing[2] <= MAX_BODY_MM:
+        return [component]
+    step = max(1, int(round(1.0 / float(spacing.min()))))  # erode about 1 mm at a time
+    eroded = component
+    for _ in range(12):
+        eroded = ndimage.binary_erosion(eroded, iterations=step)
+        seeds, n = ndimage.label(eroded)
+        if n == 0:
+            break
+        sizes = ndimage.sum_labels(np.ones_like(seeds), seeds, index=np.arange(1, n + 1))
+        keep = np.nonzero(sizes >= max(min_voxels // 8, 1))[0] + 1
+        if len(keep) >= 2:
+            seeds = np.where(np.isin(seeds, keep), seeds, 0)
+            _, nearest = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+            owner = seeds[tuple(nearest)] * component
+            return [piece for k in keep for piece in _split(owner == k, spacing, min_voxels)]
+    return [component]
+
+
+def split_bodies(mask: np.ndarray, spacing, min_volume_ml: float = 2.0) -> tuple[np.ndarray, int]:
+    """Instance map of a binary body mask: 1..n per body, cranial first; and the number of pieces dropped.
+
+    Args:
+        mask: bool (X, Y, Z), RAS.
+        spacing: mm per voxel along the three axes.
+        min_volume_ml: smaller components are noise, not bodies (a cervical body is about 5 ml).
+    """
+    spacing = np.asarray(spacing, float)
+    labels, n = ndimage.label(mask)
+    min_voxels = int(np.ceil(min_volume_ml * 1000.0 / float(np.prod(spacing))))
+    pieces, dropped = [], 0
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[box] == k
+        if component.sum() < min_voxels:
+            dropped += 1
+            continue
+        for piece in _split(component, spacing, min_voxels):
+            if piece.sum() >= min_voxels:
+                pieces.append((box, piece))
+            else:
+                dropped += 1
+    keep = _column(pieces, spacing)
+    dropped += len(pieces) - len(keep)
+    out = np.zeros(mask.shape, np.int32)
+    for i, (box, piece) in enumerate(keep, start=1):
+        out[box][piece] = i
+    return out, dropped
+
+
+def _column(pieces: list, spacing: np.ndarray) -> list:
+    """The pieces that stack into one spinal column, cranial first; anything off the column is dropped.
+
+    A CT holds more bone than the spine (pelvis, ribs, sternum) and a segmenter trained on a narrow
+    field of view may take some of it for a body. Bodies sit one on top of the other: each one's
+    centre lies within `COLUMN_MM` (left-right, antero-posterior) of the next, with at most a disc
+    between them. Of all such chains, the one with the most voxels is the spine.
+    """
+    if len(pieces) < 2:
+        return pieces
+    info = []
+    for box, piece in pieces:
+        idx = np.nonzero(piece)
+        centre = np.array([box[a].start + idx[a].mean() for a in range(3)]) * spacing
+        z = (box[2].start + idx[2]) * spacing[2]
+        info.append((centre, float(z.min()), float(z.max()), int(piece.sum())))
+    order = sorted(range(len(pieces)), key=lambda i: -info[i][0][2])  # cranial first
+    best = [info[i][3] for i in order]  # voxels of the best chain ending at each piece
+    prev = [-1] * len(order)
+    for b in range(len(order)):
+        cb = info[order[b]]
+        for a in range(b):
+            ca = info[order[a]]
+            gap = ca[1] - cb[2]  # bottom of the upper piece to top of the lower one, mm
+            near = np.linalg.norm(ca[0][:2] - cb[0][:2]) <= COLUMN_MM
+            if near and -MAX_OVERLAP_MM <= gap <= MAX_GAP_MM and best[a] + cb[3] > best[b]:
+                best[b], prev[b] = best[a] + cb[3], a
+    chain, b = [], int(np.argmax(best))
+    while b >= 0:
+        chain.append(pieces[order[b]])
+        b = prev[b]
+    return chain[::-1]
+
+
+def assign_levels(regions: np.ndarray, spacing, min_volume_ml: float = 2.0) -> tuple[np.ndarray, Assignment]:
+    """VerSe label map of a region map, by counting bodies along the standard spine.
+
+    Each candidate placement of the n bodies (cranial first) on consecutive levels of `STANDARD_SPINE`
+    scores the voxels whose region matches the level's region; the best wins. Ties go to the placement
+    that ends at L5, then to the most caudal one. The first sacral segment looks like a lumbar body
+    and a segmenter may find it: a body counted as S1 is dropped (masks hold no S1). T13 and L6
+    (transitional anatomy) are never assigned.
+
+    Args:
+        regions: int (X, Y, Z), RAS; 0 background, else a region class (see `REGIONS`).
+        spacing: mm per voxel.
+        min_volume_ml: see `split_bodies`.
+
+    Returns:
+        (verse, assignment): VerSe ids (X, Y, Z) int32, and how the count was made.
+    """
+    instances, dropped = split_bodies(regions > 0, spacing, min_volume_ml)
+    n = int(instances.max())
+    verse = np.zeros(regions.shape, np.int32)
+    if n == 0:
+        return verse, Assignment(dropped=dropped)
+    counts = np.zeros((n, len(REGIONS)), np.int64)  # voxels of each region per body
+    flat_inst, flat_reg = instances.ravel(), regions.ravel()
+    on = flat_inst > 0
+    np.add.at(counts, (flat_inst[on] - 1, flat_reg[on] - 1), 1)
+    level_region = np.array([region_of(level) - 1 for level in STANDARD_SPINE])
+    n_fit = min(n, len(STANDARD_SPINE))
+    last = len(STANDARD_SPINE) - n_fit  # the placement ending at S1
+    scores = [(int(sum(counts[i, level_region[s + i]] for i in range(n_fit))), s == last - 1, s) for s in range(last + 1)]
+    best = max(scores)  # ties: ending at L5, then the larger offset (the most caudal run)
+    start = best[2]
+    placed = STANDARD_SPINE[start : start + n_fit]
+    runner_up = max((score for score, _, s in scores if s != start), default=-1)
+    for i, level in enumerate(placed):
+        if level in LEVEL_IDS:
+            verse[instances == i + 1] = LEVEL_IDS[level]
+    levels = [level for level in placed if level in LEVEL_IDS]
+    assignment = Assignment(
+        levels=levels,
+        anchored=len({region_of(level) for level in placed}) > 1 and best[0] > runner_up,
+        agreement=best[0] / max(int(counts[:n_fit].sum()), 1),
+        dropped=dropped + (n - n_fit) + (len(placed) - len(levels)),
+    )
+    return verse, assignment

@@ -1,0 +1,1 @@
+"""Evaluation: figures and media that show what a model did."""

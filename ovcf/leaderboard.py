@@ -1,0 +1,104 @@
+"""The leaderboard of a sweep: one line per run, the best by the validation metric marked.
+
+`python -m ovcf.train -m ...` calls `Leaderboard.on_multirun_end` (a Hydra callback, see
+`conf/hydra/default.yaml`), which reads every job's `results.json` and writes `leaderboard.csv` and
+`leaderboard.md` into the sweep folder. The best run is chosen on the validation metric alone
+(`optimized_metric`); the external test columns are reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """`results.json` of every finished job under `sweep_dir` (a failed job has none), with its folder."""
+    runs = []
+    for path in sorted(Path(sweep_dir).glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        result = json.loads(path.read_text())
+        result["run"] = path.parent.name
+        runs.append(result)
+    return runs
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else float("nan")
+
+
+def rows(runs: list[dict], metric: str) -> list[dict]:
+    """Leaderboard rows, best validation `metric` first; `best` marks the winner."""
+    key = metric.removeprefix("val/")
+    table = []
+    for r in runs:
+        row = {
+            "run": r["run"],
+            "model": r["model"],
+            f"val_{key}": _number(r["val"].get(key)),
+            f"test_{key}": _number(r["test"].get(key)),
+        }
+        for name in ("body_dice", "dice_fractured", "dice_intact", "level_accuracy", "auroc", "sensitivity", "specificity"):
+            if name != key and name in r["test"]:
+                row[f"test_{name}"] = _number(r["test"][name])
+        per_level = r.get("per_level_dice", {}).get("test")
+        if per_level:
+            row["test_dice_per_level"] = " ".join(f"{level}:{dice:.3f}" for level, dice in per_level.items())
+        row["params_m"] = round(r["params"] / 1e6, 2) if "params" in r else float("nan")
+        row["fit_minutes"] = round(r["fit_seconds"] / 60, 1) if "fit_seconds" in r else float("nan")
+        table.append(row)
+    table.sort(key=lambda row: -row[f"val_{key}"] if not math.isnan(row[f"val_{key}"]) else math.inf)
+    for i, row in enumerate(table):
+        row["best"] = "*" if i == 0 and not math.isnan(row[f"val_{key}"]) else ""
+    return table
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
+    """Writes `leaderboard.csv` and `leaderboard.md` in `sweep_dir`; returns the Markdown path (None: no results)."""
+    sweep_dir = Path(sweep_dir)
+    table = rows(collect(sweep_dir), metric)
+    if not table:
+        return None
+    columns = list(dict.fromkeys(["best", *(k for row in table for k in row if k != "best")]))
+    with open(sweep_dir / "leaderboard.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [
+        f"# Leaderboard: {sweep_dir.name}",
+        "",
+        f"Ranked by {metric} (validation, development center); test = external center, never used to choose.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in table),
+    ]
+    path = sweep_dir / "leaderboard.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Leaderboard(Callback):
+    """Hydra callback: writes the sweep's leaderboard when a multirun ends and prints the winner."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        metric = config.get("optimized_metric")
+        if not metric:
+            return
+        path = write_leaderboard(Path(config.hydra.sweep.dir), metric)
+        if path is None:
+            print(f"No finished runs under {config.hydra.sweep.dir}: no leaderboard")
+            return
+        best = rows(collect(path.parent), metric)[0]
+        value = best["val_" + metric.removeprefix("val/")]
+        print(f"Best by {metric}: {best['model']} (run {best['run']}, {value:.3f})")
+        print(f"Leaderboard: {path} (and leaderboard.csv)")

@@ -16,7 +16,7 @@ from conftest import REAL, run_cli
 
 from ovcf.data.ingest import RoiSpec, ingest, read_index
 from ovcf.data.pseudonym import load_key, pseudonym
-from ovcf.segment import level_dice, to_ct_grid
+from ovcf.segment import level_dice, matched_dice, to_ct_grid
 from ovcf.tasks import SegmentationTask
 
 TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
@@ -37,6 +37,8 @@ def test_labels_go_back_to_the_ct_voxels_in_world_coordinates():
         ml = (out == verse).sum() * 0.8 * 0.8 * 1.25 / 1000
         assert abs(ml - (labels == verse).sum() * 8 / 1000) < 0.1 * ml
     assert level_dice(out, out) == {"T12": 1.0, "L1": 1.0}
+    shifted = np.where(out > 0, out + 1, 0)  # every body named one level too low
+    assert level_dice(shifted, out) == {"T12": 0.0, "L1": 0.0} and matched_dice(shifted, out) == {"T12": 1.0, "L1": 1.0}
 
 
 def test_predicted_masks_replace_the_given_ones(tiny_cohort, tmp_path, capsys):

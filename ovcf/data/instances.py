@@ -22,6 +22,7 @@ from ovcf.contract import LEVEL_IDS
 
 REGIONS = ("C", "T", "L")  # region class i + 1; 0 is background
 STANDARD_SPINE = [*(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 13)), *(f"L{i}" for i in range(1, 6)), "S1"]
+MAX_COMPONENT_ML = 500.0  # more than a whole lumbar spine (about 5 x 40 ml) in one piece is not bodies
 MAX_BODY_MM = 45.0  # a component taller than this (cranio-caudally) is taken for bodies bridged across a disc
 COLUMN_MM = 25.0  # most a body's centre may lie off its neighbour's (left-right, antero-posterior)
 MAX_GAP_MM = 25.0  # most space between neighbouring bodies (a disc, or a body the segmenter missed)
@@ -80,14 +81,14 @@ class Assignment:
     dropped: int = 0
 
 
-def _split(component: np.ndarray, spacing: np.ndarray, min_voxels: int) -> list[np.ndarray]:
+def _split(component: np.ndarray, spacing: np.ndarray, min_voxels: int, depth: int = 0) -> list[np.ndarray]:
     """Cuts a component that is too tall for one body into bodies, by eroding until it falls apart.
 
     Discs are the narrowest part of a stack of bodies, so the first erosion that leaves two or more
     sizeable pieces has cut through them; every voxel then goes to the nearest piece.
     """
     zs = np.nonzero(component.any(axis=(0, 1)))[0]
-    if (zs[-1] - zs[0] + 1) * spacing[2] <= MAX_BODY_MM:
+    if (zs[-1] - zs[0] + 1) * spacing[2] <= MAX_BODY_MM or depth >= 4:
         return [component]
     step = max(1, int(round(1.0 / float(spacing.min()))))  # erode about 1 mm at a time
     eroded = component
@@ -98,11 +99,12 @@ def _split(component: np.ndarray, spacing: np.ndarray, min_voxels: int) -> list[
             break
         sizes = ndimage.sum_labels(np.ones_like(seeds), seeds, index=np.arange(1, n + 1))
         keep = np.nonzero(sizes >= max(min_voxels // 8, 1))[0] + 1
+        keep = keep[np.argsort(sizes[keep - 1])[::-1][:12]]  # a stack too tall for one body holds a few, not hundreds
         if len(keep) >= 2:
             seeds = np.where(np.isin(seeds, keep), seeds, 0)
             _, nearest = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
             owner = seeds[tuple(nearest)] * component
-            return [piece for k in keep for piece in _split(owner == k, spacing, min_voxels)]
+            return [piece for k in keep for piece in _split(owner == k, spacing, min_voxels, depth + 1)]
     return [component]
 
 
@@ -118,9 +120,10 @@ def split_bodies(mask: np.ndarray, spacing, min_volume_ml: float = 2.0) -> tuple
     labels, n = ndimage.label(mask)
     min_voxels = int(np.ceil(min_volume_ml * 1000.0 / float(np.prod(spacing))))
     pieces, dropped = [], 0
+    max_voxels = MAX_COMPONENT_ML * 1000.0 / float(np.prod(spacing))
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         component = labels[box] == k
-        if component.sum() < min_voxels:
+        if not min_voxels <= component.sum() <= max_voxels:  # noise, or no stack of bodies (a whole pelvis, a failed net)
             dropped += 1
             continue
         for piece in _split(component, spacing, min_voxels):

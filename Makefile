@@ -24,6 +24,7 @@ bench: setup
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_synth
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_ingest
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench
+	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_seg --precision fp32 --steps 5
 
 lint: setup
 	$(BIN)/ruff check ovcf tests

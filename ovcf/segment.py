@@ -66,8 +66,9 @@ def to_ct_grid(labels: np.ndarray, labels_affine: np.ndarray, ct_affine: np.ndar
 
 def predict(task, image_hu: np.ndarray, spacing: float, hu_window) -> tuple[np.ndarray, object]:
     """VerSe ids on the resampled grid of one CT (HU, RAS, `spacing` mm), and how the levels were counted."""
-    lo, hi = hu_window
-    image = torch.from_numpy((np.clip(image_hu.astype(np.float32), lo, hi) - lo) / (hi - lo))[None, None]
+    from ovcf.data.datamodule import window_hu
+
+    image = window_hu(image_hu, hu_window)[None, None]
     verse, assignment = task.predict_volume(image, (spacing,) * 3)
     return verse.cpu().numpy().astype(np.uint8), assignment
 

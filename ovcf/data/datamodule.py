@@ -38,13 +38,18 @@ def build_augment(spec: dict | None):
     return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
 
 
+def window_hu(image: np.ndarray, hu_window) -> torch.Tensor:
+    """HU mapped to [0, 1] over `hu_window` (clipped), float32: what every network here is fed."""
+    lo, hi = hu_window
+    return torch.from_numpy((np.clip(image, lo, hi) - lo) / (hi - lo)).float()
+
+
 class VertebraDataset(Dataset):
     """In-memory ROIs of fractured vertebrae with their label and clinical features."""
 
     def __init__(self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window, transform=None):
-        lo, hi = hu_window
         self.rows, self.transform = rows, transform
-        self.images = torch.from_numpy((np.clip(images, lo, hi) - lo) / (hi - lo)).float().unsqueeze(1)
+        self.images = window_hu(images, hu_window).unsqueeze(1)
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
         self.clinical = torch.tensor([clinical_features(r) for r in rows], dtype=torch.float32).reshape(len(rows), 3)

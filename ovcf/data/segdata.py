@@ -12,14 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import LEVEL_IDS
-from ovcf.data.datamodule import CohortDataModule
+from ovcf.data.datamodule import CohortDataModule, window_hu
 from ovcf.data.instances import region_target
 from ovcf.errors import ConfigError
-
-
-def _window(image: np.ndarray, hu_window) -> torch.Tensor:
-    lo, hi = hu_window
-    return torch.from_numpy((np.clip(image.astype(np.float32), lo, hi) - lo) / (hi - lo))
 
 
 class VolumeDataset(Dataset):
@@ -38,7 +33,7 @@ class VolumeDataset(Dataset):
             labels = v["labels"].astype(np.int64)
             self.items.append(
                 {
-                    "image": _window(v["image"], hu_window)[None],
+                    "image": window_hu(v["image"], hu_window)[None],
                     "label": torch.from_numpy(region_target(labels))[None],
                     "verse": torch.from_numpy(labels)[None],
                     "fractured": fractured,

@@ -213,7 +213,12 @@ class SegmentationTask(L.LightningModule):
     def levels_of(self, regions: np.ndarray, spacing) -> tuple[np.ndarray, Assignment]:
         """VerSe ids (X, Y, Z) of a region map (RAS), restricted to `levels`, and how they were counted."""
         verse, assignment = assign_levels(regions, spacing, self.hparams.min_body_ml)
-        return np.where(self._keep[verse], verse, 0).astype(np.int64), assignment
+        return self._restrict(verse), assignment
+
+    def _restrict(self, verse: np.ndarray) -> np.ndarray:
+        """VerSe ids of the levels in `levels`; every other id becomes background."""
+        keep = self._keep[np.clip(verse, 0, len(self._keep) - 1)] & (verse < len(self._keep))
+        return np.where(keep, verse, 0).astype(np.int64)
 
     def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
         image, label = batch["image"], self._label(batch)
@@ -225,8 +230,7 @@ class SegmentationTask(L.LightningModule):
         for b in range(len(image)):
             spacing = batch["spacing"][b].cpu().numpy() if "spacing" in batch else np.ones(3)
             pred, _ = self.levels_of(regions[b], spacing)
-            truth = batch["verse"][b, 0].cpu().numpy()
-            truth = np.where(self._keep[np.clip(truth, 0, len(self._keep) - 1)], truth, 0)
+            truth = self._restrict(batch["verse"][b, 0].cpu().numpy())
             cm = confusion(encode_verse(torch.from_numpy(pred)), encode_verse(torch.from_numpy(truth)), len(LEVEL_ORDER) + 1)
             dice, identified, extra = level_scores(cm)
             present = ~dice.isnan()

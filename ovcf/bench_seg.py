@@ -1,7 +1,7 @@
 """`python -m ovcf.bench_seg`: training-step throughput of the three segmenters, fp32 and bf16 autocast.
 
-Each model takes its default config (`conf/model/<name>.yaml`); one step is forward, DiceCE,
-backward and AdamW on a batch of random patches. On a GPU it also says whether U-Mamba ran
+Each model takes its default config (`conf/model/<name>.yaml`); one step is forward, DiceCE plus the
+slab classifier's cross-entropy, backward and AdamW on a batch of random patches. On a GPU it also says whether U-Mamba ran
 `mamba_ssm`'s CUDA kernel or the pure-PyTorch selective scan.
 """
 
@@ -28,16 +28,13 @@ def step_rate(name: str, device: str, precision: str, batch: int, steps: int, pa
     task.train()
     opt = torch.optim.AdamW(task.parameters(), lr=cfg["lr"])
     image = torch.rand(batch, 1, *patch, device=device)
-    label = torch.randint(0, task.num_classes, (batch, 1, *patch), device=device).float()
+    label = torch.randint(0, task.num_regions, (batch, 1, *patch), device=device)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def one():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            out = task.net(image)
-            if torch.is_tensor(out) and out.ndim == image.ndim + 1:
-                out = list(out.unbind(1))
-            loss = task.train_loss(out, label)
+            loss = task.training_loss({"image": image, "label": label})[0]
         loss.backward()
         opt.step()
 

@@ -97,13 +97,13 @@ def trained(tmp_path_factory):
     task = SegmentationTask(model_name="unet", model_kwargs=SMALL_UNET, patch_size=PATCH, lr=1e-2, min_body_ml=0.5)
     batch = fixed_batch()
     with torch.no_grad():
-        before = float(task.train_loss(task(batch["image"]), batch["label"].float()))
+        before = float(task.training_loss(batch)[0])
     val = DataLoader([volume(123, shift=1)], batch_size=1)
     t = trainer(root, max_epochs=2)
     t.fit(task, DataLoader(crops(40, seed=1), batch_size=2), val)
     task.train()
     with torch.no_grad():
-        after = float(task.train_loss(task(batch["image"]), batch["label"].float()))
+        after = float(task.training_loss(batch)[0])
     metrics = t.validate(task, val, verbose=False)[0]
     ckpt = root / "seg.ckpt"
     t.save_checkpoint(ckpt)
@@ -133,6 +133,8 @@ def test_level_mappings():
             level_classes(bad)
     with pytest.raises(ConfigError, match="in_channels"):
         SegmentationTask(model_kwargs={"in_channels": 2, **SMALL_UNET}, patch_size=PATCH)
+    with pytest.raises(ConfigError, match="region_slab"):
+        SegmentationTask(model_kwargs=SMALL_UNET, patch_size=PATCH, region_slab=0)
 
 
 def test_dice_definition():

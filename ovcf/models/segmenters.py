@@ -1,8 +1,7 @@
-"""Vertebra segmenters (their classes: `ovcf.data.levels`).
+"""The U-Net segmenter (MONAI's DynUNet), registered as "unet"; UNETR++ and U-Mamba live in their own modules.
 
-One class per vertebral level (background 0, then the levels in cranio-caudal order) lets the network name each
-vertebra itself: the `segment` command then writes VerSe ids straight from the argmax, with no separate
-labelling step that could shift every level by one.
+Every segmenter maps one CT channel to per-voxel class logits at the input's size; `ovcf.tasks.SegmentationTask`
+asks for two classes (background, vertebral body) and names the levels by counting (`ovcf.data.instances`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Vertebral-body segmentation: a network finds bodies and their region, counting names the levels.
+"""Vertebral-body segmentation: a network finds the bodies, a slab classifier their region, a count names the levels.
 
-The network predicts four classes per voxel: background, cervical, thoracic or lumbar body (a
-thoracic body is the one with rib heads beside it, visible within one patch); `ovcf.data.instances`
-then splits the bodies apart and counts them along the spine, anchored at the region boundaries
-(the last rib), to give one VerSe id per body. Per-level classes would ask a patch to tell L2 from
-L3, which it cannot see; a count can.
+The 3D segmenter (U-Net, UNETR++ or U-Mamba) predicts body vs background per voxel. A small 2D network
+(`ovcf.models.regions`) reads each axial slab and says cervical, thoracic or lumbar (ribs beside the body, or
+not); `ovcf.data.instances` then splits the bodies apart and counts them along the spine, anchored at the region
+boundaries (the last rib), to give one VerSe id per body. Per-level classes would ask a patch to tell L2 from L3,
+which it cannot see; a count can.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
+from torch import nn
 
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.instances import REGIONS, Assignment, assign_levels
@@ -23,6 +24,7 @@ from ovcf.data.levels import encode_verse, level_classes
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
 from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
+from ovcf.models.regions import SliceRegionNet, axial_slabs, slice_regions
 from ovcf.tasks.classification import plain
 
 STAGES = ("val", "test")
@@ -91,18 +93,21 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
 class SegmentationTask(L.LightningModule):
     """Trains a registry segmenter on patches with Dice + CE and evaluates whole volumes by sliding windows.
 
-    Training targets are region classes (0 background, 1 + `REGIONS.index(r)`), with the voxels where two bodies touch
-    left empty so that every body stays its own component (see `ovcf.data.instances.region_target`). Evaluation and
-    `predict_volume` give VerSe ids after `assign_levels`.
+    Batches carry region classes (0 background, 1 + `REGIONS.index(r)`), with the voxels where two bodies touch left
+    empty so that every body stays its own component (see `ovcf.data.instances.region_target`). The segmenter learns
+    body vs background from them (Dice + CE); the slab classifier `regions` learns each axial slice's region
+    (cross-entropy, added to the loss). Evaluation and `predict_volume` give each predicted body voxel its slice's
+    region and count levels with `assign_levels`.
 
     Deep supervision: networks that return several outputs in training (a list/tuple, full resolution first, or
     DynUNet's stack on dim 1) are trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ...); in eval mode
     every registry segmenter returns the full-resolution logits alone.
 
-    Metrics (per stage "val"/"test"): `{stage}/loss` (Dice + CE of the regions on the whole volume); `{stage}/dice`
+    Metrics (per stage "val"/"test"): `{stage}/loss` (Dice + CE of the bodies on the whole volume); `{stage}/dice`
     (per volume, the mean Dice over the levels present in its ground truth after level assignment, background
     excluded, see `level_scores`; averaged over volumes); `{stage}/body_dice` (all bodies against all bodies, levels
-    ignored: the segmentation alone); and at epoch end `{stage}/dice_<level>`, `{stage}/dice_fractured` and
+    ignored: the segmentation alone); `{stage}/region_accuracy` (share of axial slices through a body whose region
+    the slab classifier names right); and at epoch end `{stage}/dice_<level>`, `{stage}/dice_fractured` and
     `{stage}/dice_intact` (Dice of each true body, pooled by whether the cohort names it fractured),
     `{stage}/level_accuracy` (share of true bodies whose majority predicted level is their own) and
     `{stage}/spurious_levels`. The epoch's scores are kept in `per_level_dice(stage)`, `fracture_dice(stage)` and
@@ -121,6 +126,9 @@ class SegmentationTask(L.LightningModule):
         sw_batch_size: windows per forward pass in sliding-window inference.
         sw_overlap: overlap of neighbouring windows (Gaussian-weighted blending).
         min_body_ml: predicted components smaller than this are noise, not bodies.
+        region_slab: axial slices per slab the region classifier reads (5 at 2 mm: a centimetre, enough for ribs that
+            slope across several slices).
+        region_min_voxels: training slices with fewer body voxels than this (disc edges) teach no region.
     """
 
     def __init__(
@@ -134,6 +142,8 @@ class SegmentationTask(L.LightningModule):
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
         min_body_ml: float = 2.0,
+        region_slab: int = 5,
+        region_min_voxels: int = 16,
     ):
         super().__init__()
         model_kwargs = plain(model_kwargs)  # checkpoints must hold only primitives
@@ -141,11 +151,12 @@ class SegmentationTask(L.LightningModule):
         patch_size = _patch_size(patch_size)
         self.save_hyperparameters()
         self.levels = levels
-        self.num_classes = len(REGIONS) + 1
+        self.num_classes = 2  # background, body
+        self.num_regions = len(REGIONS) + 1  # background + regions, as the batches' labels
         clash = sorted({"in_channels", "out_channels"} & set(model_kwargs))
         if clash:
             raise ConfigError(
-                f"model_kwargs must not set {clash}: the input is one CT channel and the classes are background + regions"
+                f"model_kwargs must not set {clash}: the input is one CT channel and the classes are background and body"
             )
         build = dict(model_kwargs)
         if model_name == "unetr_pp":
@@ -156,8 +167,12 @@ class SegmentationTask(L.LightningModule):
                     "img_size inputs, and sliding windows are patch_size; leave img_size unset"
                 )
         self.net = create_model(model_name, task="segmentation", in_channels=1, out_channels=self.num_classes, **build)
+        if int(region_slab) < 1:
+            raise ConfigError(f"region_slab must be at least 1 slice, got {region_slab}")
+        self.regions = SliceRegionNet(int(region_slab), len(REGIONS))
+        self.region_ce = nn.CrossEntropyLoss(ignore_index=-100)
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.train_loss = DeepSupervisionLoss(self.dice_ce)
+        self.body_loss = DeepSupervisionLoss(self.dice_ce)
         keep = np.zeros(max(LEVEL_IDS.values()) + 1, bool)
         keep[[LEVEL_IDS[level] for level in levels]] = True
         self._keep = keep  # VerSe id -> scored and returned
@@ -175,9 +190,9 @@ class SegmentationTask(L.LightningModule):
         image, label = batch["image"], batch["label"]
         if label.ndim == image.ndim - 1:
             label = label.unsqueeze(1)
-        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_regions):
             raise ValueError(
-                f"label holds class {int(label.max())} but the task has classes 0..{self.num_classes - 1} "
+                f"label holds class {int(label.max())} but the task has classes 0..{self.num_regions - 1} "
                 f"(background + {', '.join(REGIONS)}): give region classes, see ovcf.data.instances.region_target"
             )
         return label
@@ -189,15 +204,46 @@ class SegmentationTask(L.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image = batch["image"]
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, region part) of the training loss of a batch of patches: body Dice + CE plus the slab classifier's CE."""
+        image, label = batch["image"], self._label(batch)
         out = self.net(image)
         if torch.is_tensor(out) and out.ndim == image.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...)
             out = list(out.unbind(1))
         # float labels: DeepSupervisionLoss downsamples them with F.interpolate, which takes no integer tensors
-        loss = self.train_loss(out, self._label(batch).float())
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(image))
+        region = self.region_loss(image, label)
+        return self.body_loss(out, (label > 0).float()) + region, region
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, region_loss = self.training_loss(batch)
+        n = len(batch["image"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/region_loss", region_loss, on_step=False, on_epoch=True, batch_size=n)
         return loss
+
+    def region_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the slab classifier on the patch's slices through a body (0 if none is)."""
+        target = slice_regions(label, self.hparams.region_min_voxels)
+        keep = target >= 0
+        if not keep.any():
+            return image.new_zeros(())
+        slabs = axial_slabs(image, self.hparams.region_slab)[keep]
+        return self.region_ce(self.regions(slabs), target[keep])
+
+    def slab_logits(self, image: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Region logits of every axial slice of one volume (1, 1, X, Y, Z): (Z, regions), in chunks of slices."""
+        slabs = axial_slabs(image, self.hparams.region_slab)
+        return torch.cat([self.regions(part) for part in slabs.split(chunk)]) if len(slabs) else slabs.new_zeros(0, 3)
+
+    def slice_regions(self, image: torch.Tensor) -> torch.Tensor:
+        """The region the slab classifier names for each axial slice, (B, Z), 0-based over `REGIONS`."""
+        return torch.stack([self.slab_logits(image[b : b + 1]).argmax(1) for b in range(len(image))])
+
+    @staticmethod
+    def region_map(logits: torch.Tensor, slices: torch.Tensor) -> np.ndarray:
+        """Region classes (B, X, Y, Z): each voxel the segmenter calls body gets its axial slice's region."""
+        body = logits.argmax(1) > 0
+        return torch.where(body, slices[:, None, None, :] + 1, 0).cpu().numpy()
 
     def sliding_window(self, image: torch.Tensor) -> torch.Tensor:
         """Logits of a whole volume (B, K, X, Y, Z) on its own grid; volumes smaller than a patch are padded and cropped back."""
@@ -223,8 +269,14 @@ class SegmentationTask(L.LightningModule):
     def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
         image, label = batch["image"], self._label(batch)
         logits = self.sliding_window(image)
-        loss = self.dice_ce(logits, label)
-        regions = logits.argmax(1).cpu().numpy()
+        loss = self.dice_ce(logits, (label > 0).long())
+        slices = self.slice_regions(image)
+        regions = self.region_map(logits, slices)
+        truth_slices = slice_regions(label, 1).view(len(image), -1)
+        through = truth_slices >= 0
+        if through.any():
+            accuracy = (slices[through] == truth_slices[through]).float().mean()
+            self.log(f"{stage}/region_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=int(through.sum()))
         scores = self._scores[stage]
         dices, bodies, spurious = [], [], []
         for b in range(len(image)):
@@ -324,10 +376,11 @@ class SegmentationTask(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            logits = self.sliding_window(image.to(device=self.device, dtype=torch.float32))
+            image = image.to(device=self.device, dtype=torch.float32)
+            regions = self.region_map(self.sliding_window(image), self.slice_regions(image))
         finally:
             self.train(was_training)
-        return logits.argmax(1)[0].cpu().numpy()
+        return regions[0]
 
     def predict_volume(self, image: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, Assignment]:
         """VerSe ids (X, Y, Z), long, on the input's grid, of one windowed volume (1, 1, X, Y, Z) in RAS order.

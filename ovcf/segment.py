@@ -39,7 +39,7 @@ def load_segmenter(ckpt: str | Path, device: str = "cpu"):
     if not path.is_file():
         raise ConfigError(f"ckpt={ckpt}: no such checkpoint; pass the best checkpoint of a task=segmentation run")
     raw = torch.load(path, map_location="cpu", weights_only=False)
-    if "model_name" not in raw.get("hyper_parameters", {}) or "min_body_ml" not in raw["hyper_parameters"]:
+    if not {"model_name", "min_body_ml", "region_slab"} <= set(raw.get("hyper_parameters", {})):
         raise ConfigError(f"{path} is not a segmentation checkpoint of this ovcf version (train one with task=segmentation)")
     task = SegmentationTask.load_from_checkpoint(path, map_location=device)
     task.eval()

@@ -64,6 +64,29 @@ def test_small_pieces_dropped_and_tall_components_split():
     assert instances.max() == 3
 
 
+def test_a_body_found_in_two_fragments_is_counted_once():
+    regions = stack([T, T, L, L, L])
+    z = np.nonzero(regions[..., :].any(axis=(0, 1)))[0]
+    l1 = np.nonzero((regions == L).any(axis=(0, 1)))[0].max()  # top slice of L1, the cranial lumbar body
+    body = regions[..., l1 - 9 : l1 + 1]
+    body[:, 5:7, :] = 0  # a cleft through L1, front to back
+    body[:, :5, :4] = 0  # the fragments share slices 4..6 but are no longer connected
+    body[:, 7:, 7:] = 0
+    _, a, _ = levels_of(regions)
+    assert a.levels == ["T11", "T12", "L1", "L2", "L3"] and a.anchored, a
+    assert len(z) == 5 * 10
+    # two neighbours collapsed to half their height, touching and tilted so that they share slices, stay two
+    tilted = stack([T, T, L, L, L])
+    tilted[..., l1 - 22 : l1 + 1] = 0
+    b = l1 - 17  # bottom slice of the new L2; discs of 7 and 8 slices to T12 and L3
+    for y in range(2, 10):
+        step = (y - 2) // 3  # the endplates rise one slice every 3 voxels front to back
+        tilted[2:10, y, b + step : b + step + 5] = L  # L2, 5 slices
+        tilted[2:10, y, b + step + 6 : b + step + 11] = L  # L1, one empty slice above (the target's gap)
+    _, a, _ = levels_of(tilted)
+    assert len(a.levels) == 5, a
+
+
 def test_touching_bodies_get_a_gap_in_the_target():
     verse = np.zeros((6, 6, 12), np.int32)
     verse[1:5, 1:5, 0:6], verse[1:5, 1:5, 6:12] = LEVEL_IDS["L2"], LEVEL_IDS["L1"]

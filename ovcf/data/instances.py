@@ -27,6 +27,8 @@ MAX_BODY_MM = 45.0  # a component taller than this (cranio-caudally) is taken fo
 COLUMN_MM = 25.0  # most a body's centre may lie off its neighbour's (left-right, antero-posterior)
 MAX_GAP_MM = 25.0  # most space between neighbouring bodies (a disc, or a body the segmenter missed)
 MAX_OVERLAP_MM = 15.0  # bodies tilted with the spine's curve overlap in height
+FRAGMENT_HEIGHT = 1.5  # two pieces sharing axial slices within this many typical body heights may be one body
+FRAGMENT_VOLUME = 0.9  # ... if together they hold less than a typical body
 
 
 def region_of(level: str) -> int:
@@ -133,10 +135,55 @@ def split_bodies(mask: np.ndarray, spacing, min_volume_ml: float = 2.0) -> tuple
                 dropped += 1
     keep = _column(pieces, spacing)
     dropped += len(pieces) - len(keep)
+    keep = _merge_fragments(keep, spacing)
     out = np.zeros(mask.shape, np.int32)
     for i, (box, piece) in enumerate(keep, start=1):
         out[box][piece] = i
     return out, dropped
+
+
+def _extent(box: tuple, piece: np.ndarray, spacing: np.ndarray) -> tuple[float, float]:
+    """(bottom, top) of a piece along the cranio-caudal axis, mm, voxel edges included."""
+    zs = box[2].start + np.nonzero(piece.any(axis=(0, 1)))[0]
+    return float(zs.min()) * spacing[2], float(zs.max() + 1) * spacing[2]
+
+
+def _union(a: tuple, b: tuple) -> tuple:
+    """One (box, piece) holding both pieces."""
+    box = tuple(slice(min(sa.start, sb.start), max(sa.stop, sb.stop)) for sa, sb in zip(a[0], b[0]))
+    piece = np.zeros([s.stop - s.start for s in box], bool)
+    for part_box, part in (a, b):
+        piece[tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(part_box, box))] |= part
+    return box, piece
+
+
+def _merge_fragments(chain: list, spacing: np.ndarray) -> list:
+    """Joins neighbours of the column that are two fragments of one body, so the count does not take them for two.
+
+    A segmenter that misses a band through a body (a fracture cleft, bone denser than it has seen) leaves two
+    pieces, each shorter and smaller than a body, that share axial slices. Neighbouring bodies are separated by
+    a disc (or, collapsed and touching, by the empty gap the training target leaves); two neighbours tilted so
+    that they share slices are kept apart when either is as big as a typical body or together they hold 0.9 of
+    one or more (two collapsed bodies that each kept at least half their volume).
+    """
+    if len(chain) < 3:
+        return chain
+    extents = [_extent(box, piece, spacing) for box, piece in chain]
+    height = float(np.median([top - bottom for bottom, top in extents]))
+    volume = float(np.median([piece.sum() for _, piece in chain]))
+    out = [chain[0]]
+    for item in chain[1:]:
+        (low, high), (bottom, top) = _extent(*out[-1], spacing), _extent(*item, spacing)  # out[-1] is cranial
+        size = out[-1][1].sum() + item[1].sum()
+        fragments = (
+            top > low  # share axial slices
+            and max(high - low, top - bottom) <= height
+            and max(high, top) - min(low, bottom) <= FRAGMENT_HEIGHT * height
+            and max(out[-1][1].sum(), item[1].sum()) < volume
+            and size <= FRAGMENT_VOLUME * volume
+        )
+        out[-1:] = [_union(out[-1], item)] if fragments else [out[-1], item]
+    return out
 
 
 def _column(pieces: list, spacing: np.ndarray) -> list:

@@ -169,20 +169,25 @@ def _merge_fragments(chain: list, spacing: np.ndarray) -> list:
     if len(chain) < 3:
         return chain
     extents = [_extent(box, piece, spacing) for box, piece in chain]
+    sizes = [int(piece.sum()) for _, piece in chain]
     height = float(np.median([top - bottom for bottom, top in extents]))
-    volume = float(np.median([piece.sum() for _, piece in chain]))
-    out = [chain[0]]
-    for item in chain[1:]:
-        (low, high), (bottom, top) = _extent(*out[-1], spacing), _extent(*item, spacing)  # out[-1] is cranial
-        size = out[-1][1].sum() + item[1].sum()
+    volume = float(np.median(sizes))
+    out, out_extents, out_sizes = [chain[0]], [extents[0]], [sizes[0]]
+    for item, (bottom, top), size in zip(chain[1:], extents[1:], sizes[1:]):
+        (low, high), above = out_extents[-1], out_sizes[-1]  # the cranial neighbour, as merged so far
         fragments = (
             top > low  # share axial slices
             and max(high - low, top - bottom) <= height
             and max(high, top) - min(low, bottom) <= FRAGMENT_HEIGHT * height
-            and max(out[-1][1].sum(), item[1].sum()) < volume
-            and size <= FRAGMENT_VOLUME * volume
+            and max(above, size) < volume
+            and above + size <= FRAGMENT_VOLUME * volume
         )
-        out[-1:] = [_union(out[-1], item)] if fragments else [out[-1], item]
+        if fragments:
+            out[-1], out_extents[-1], out_sizes[-1] = _union(out[-1], item), (min(low, bottom), max(high, top)), above + size
+        else:
+            out.append(item)
+            out_extents.append((bottom, top))
+            out_sizes.append(size)
     return out
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.nets import DynUNet
 from torch import nn
 
 from ovcf.errors import ConfigError
@@ -147,18 +148,6 @@ def selective_scan_reference(
     return _finish(torch.stack(ys, dim=-1), u, D, z)
 
 
-def he_init(module: nn.Module) -> None:
-    """nnU-Net's convolution init (He, leaky slope 0.01; zero bias), which U-Mamba inherits from nnU-Net.
-
-    PyTorch's default draws conv weights about three times smaller, which changes how far AdamW's first steps move
-    them; MONAI's DynUNet (our U-Net) uses the same He init, so the two residual U-Nets start alike.
-    """
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and module.groups == 1:
-        nn.init.kaiming_normal_(module.weight, a=0.01)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class MambaLayer(nn.Module):
     """A pre-norm residual Mamba block over all voxels of a feature map, read as one sequence of tokens.
 
@@ -277,7 +266,7 @@ class UMamba(nn.Module):
         )
         n_heads = len(features) - 1 if deep_supervision else 1
         self.heads = nn.ModuleList(UnetOutBlock(spatial_dims, features[i], out_channels) for i in range(n_heads))
-        self.apply(he_init)
+        self.apply(DynUNet.initialize_weights)  # nnU-Net's He init (slope 0.01, zero bias), as U-Mamba's code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         factor = 2 ** (len(self.features) - 1)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from torch import nn
 
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.instances import REGIONS, Assignment, assign_levels
@@ -170,7 +170,6 @@ class SegmentationTask(L.LightningModule):
         if int(region_slab) < 1:
             raise ConfigError(f"region_slab must be at least 1 slice, got {region_slab}")
         self.regions = SliceRegionNet(int(region_slab), len(REGIONS))
-        self.region_ce = nn.CrossEntropyLoss(ignore_index=-100)
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
         self.body_loss = DeepSupervisionLoss(self.dice_ce)
         keep = np.zeros(max(LEVEL_IDS.values()) + 1, bool)
@@ -228,12 +227,12 @@ class SegmentationTask(L.LightningModule):
         if not keep.any():
             return image.new_zeros(())
         slabs = axial_slabs(image, self.hparams.region_slab)[keep]
-        return self.region_ce(self.regions(slabs), target[keep])
+        return F.cross_entropy(self.regions(slabs), target[keep])
 
     def slab_logits(self, image: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Region logits of every axial slice of one volume (1, 1, X, Y, Z): (Z, regions), in chunks of slices."""
         slabs = axial_slabs(image, self.hparams.region_slab)
-        return torch.cat([self.regions(part) for part in slabs.split(chunk)]) if len(slabs) else slabs.new_zeros(0, 3)
+        return torch.cat([self.regions(part) for part in slabs.split(chunk)]) if len(slabs) else slabs.new_zeros(0, len(REGIONS))
 
     def slice_regions(self, image: torch.Tensor) -> torch.Tensor:
         """The region the slab classifier names for each axial slice, (B, Z), 0-based over `REGIONS`."""

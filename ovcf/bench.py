@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from ovcf.cli import config_dir
 from ovcf.data import CohortDataModule
-from ovcf.models import create_model
+from ovcf.models import list_models
 from ovcf.tasks import ClassificationTask
 
 
@@ -28,26 +28,37 @@ def _sync() -> None:
 
 
 class _StepTimer(L.Callback):
-    """Times training steps after `warmup` steps."""
+    """Times training steps after `warmup` steps, and the share of that time spent between steps
+    (the loader producing the next batch: what the accelerator waits for)."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.samples = warmup, None, 0
+        self.warmup, self.start, self.samples, self.wait, self.last_end = warmup, None, 0, 0.0, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
             _sync()
             self.start = time.perf_counter()
+        elif self.start is not None and self.last_end is not None:
+            self.wait += time.perf_counter() - self.last_end
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.start is not None:
             self.samples += len(batch["label"])
+            _sync()
+            self.last_end = time.perf_counter()
 
     def on_train_end(self, trainer, module):
         _sync()
         self.seconds = time.perf_counter() - self.start
 
 
-def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
+def _task(model_name: str, kwargs: dict, args) -> torch.nn.Module:
+    task = ClassificationTask(model_name, kwargs)
+    return torch.compile(task) if args.compile else task
+
+
+def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> tuple[float, float]:
+    """Samples/s of `trainer.fit`, and the share of step time spent waiting for data."""
     L.seed_everything(0)
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
@@ -62,14 +73,14 @@ def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: i
         devices=1,
         precision=args.precision,
     )
-    trainer.fit(ClassificationTask(model_name, kwargs), datamodule=dm)
-    return timer.samples / timer.seconds
+    trainer.fit(_task(model_name, kwargs, args), datamodule=dm)
+    return timer.samples / timer.seconds, timer.wait / timer.seconds
 
 
 def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
     torch.manual_seed(0)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    net = create_model(model_name, task="classification", **kwargs).to(device)
+    net = _task(model_name, kwargs, args).to(device)  # the same encoder and head as the pipeline
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -97,34 +108,43 @@ def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="densenet121", help="a model config name (conf/model)")
+    parser.add_argument("--model", default="densenet121", help="model config names (conf/model), comma-separated, or all")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--smoke", action="store_true", help="use the tiny debug cohort instead of the default one")
     parser.add_argument("--augment", action="store_true", help="keep the training augmentation (the bare loop has none)")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"model={args.model}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
-            + (["debug=smoke"] if args.smoke else [])
-            + ([] if args.augment else ["data/augment=none"]),
-        )
-    dm: CohortDataModule = hydra.utils.instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
-    pipeline = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-    bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
-    augment = "with" if args.augment else "without"
-    print(f"model {args.model}, batch {args.batch_size}, {args.precision}, {augment} augmentation, {args.steps} steps on {where}")
-    print(f"  pipeline (Lightning + DataModule + metrics): {pipeline:8.1f} samples/s")
-    print(f"  bare PyTorch loop, same model and tensors:   {bare:8.1f} samples/s")
-    print(f"  ratio pipeline / bare: {pipeline / bare:.3f}  (overhead {100 * (1 - pipeline / bare):+.1f}%)")
+    models = list_models("classification") if args.model == "all" else args.model.split(",")
+    dm = None
+    for name in models:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[f"model={name}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+                + [f"data.num_workers={args.num_workers}"]
+                + (["debug=smoke"] if args.smoke else [])
+                + ([] if args.augment else ["data/augment=none"]),
+            )
+        if dm is None:  # one data module for every model: the same tensors
+            dm = hydra.utils.instantiate(cfg.data)
+            dm.prepare_data()
+            dm.setup("fit")
+            where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
+            augment = "with" if args.augment else "without"
+            compiled = ", torch.compile" if args.compile else ""
+            print(f"batch {args.batch_size}, {args.precision}{compiled}, {augment} augmentation, {args.steps} steps on {where}")
+            print(f"{'model':<16}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
+        kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
+        pipeline, wait = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+        bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+        print(f"{name:<16}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%", flush=True)
+    print("pipeline: Lightning + DataModule + metrics; bare: a PyTorch loop over the same model and in-memory tensors")
+    print("data wait: share of the pipeline's step time spent between steps (the loader producing the next batch)")
 
 
 if __name__ == "__main__":

@@ -30,18 +30,25 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else float("nan")
 
 
+REPORTED = ("body_dice", "dice_fractured", "dice_intact", "level_accuracy", "auroc", "sensitivity", "specificity", "accuracy")
+
+
 def rows(runs: list[dict], metric: str) -> list[dict]:
     """Leaderboard rows, best validation `metric` first; `best` marks the winner."""
     key = metric.removeprefix("val/")
+    shared = set.intersection(*(set(r.get("overrides", [])) for r in runs)) if runs else set()
     table = []
     for r in runs:
-        row = {
-            "run": r["run"],
-            "model": r["model"],
-            f"val_{key}": _number(r["val"].get(key)),
-            f"test_{key}": _number(r["test"].get(key)),
-        }
-        for name in ("body_dice", "dice_fractured", "dice_intact", "level_accuracy", "auroc", "sensitivity", "specificity"):
+        row = {"run": r["run"], "model": r["model"]}
+        variant = [o for o in r.get("overrides", []) if o not in shared and not o.startswith("model=")]
+        if variant:
+            row["variant"] = " ".join(variant)  # what else tells this run apart (e.g. model.clinical=true)
+        row[f"val_{key}"] = _number(r["val"].get(key))
+        if "val_sd" in r:  # cross-validation: mean and sd over folds
+            row[f"val_{key}_sd"] = _number(r["val_sd"].get(key))
+            row["folds"] = r["cv"]["folds"]
+        row[f"test_{key}"] = _number(r["test"].get(key))
+        for name in REPORTED:
             if name != key and name in r["test"]:
                 row[f"test_{name}"] = _number(r["test"][name])
         per_level = r.get("per_level_dice", {}).get("test")
@@ -56,7 +63,9 @@ def rows(runs: list[dict], metric: str) -> list[dict]:
     return table
 
 
-def _cell(value) -> str:
+def _cell(value, column: str = "") -> str:
+    if column in ("params_m", "fit_minutes") and isinstance(value, float) and not math.isnan(value):
+        return f"{value:g}"  # already rounded
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
@@ -80,7 +89,7 @@ def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in table),
+        *("| " + " | ".join(_cell(row.get(c, ""), c) for c in columns) + " |" for row in table),
     ]
     path = sweep_dir / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")

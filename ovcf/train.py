@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.cli import check_overrides, config_dir, guarded
 from ovcf.errors import ConfigError
@@ -40,8 +40,19 @@ def summary(results: dict) -> str:
     )
 
 
+def _overrides() -> list[str]:
+    """The command-line overrides of this job (what tells sweep runs apart), or none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def train(cfg: DictConfig) -> float:
-    """Runs fit, then validate and test with the best checkpoint; returns `cfg.optimized_metric`."""
+    """Runs fit, then validate and test with the best checkpoint (per fold with `cv.folds` > 1);
+    returns `cfg.optimized_metric` on validation (the mean over folds)."""
     if not cfg.optimized_metric.startswith("val/"):
         raise ConfigError(f"optimized_metric={cfg.optimized_metric}: models are chosen on validation metrics only (val/...)")
     from ovcf.models.registry import model_task
@@ -49,8 +60,18 @@ def train(cfg: DictConfig) -> float:
     serves = model_task(cfg.model.model_name)
     if serves is not None and serves != cfg.task:  # unknown names fail at instantiation with the list of names
         raise ConfigError(f"model {cfg.model.model_name} is a {serves} model, not {cfg.task}: add task={serves}")
+    folds = int(cfg.get("cv", {}).get("folds") or 1)
+    if folds > 1:
+        results = cross_validate(cfg, folds)
+    else:
+        results = fit_and_test(cfg, Path(cfg.paths.output_dir))
+    print(f"{summary(results)}\nResults: {Path(cfg.paths.output_dir) / 'results.json'}")
+    return results["val"][cfg.optimized_metric.removeprefix("val/")]
+
+
+def fit_and_test(cfg: DictConfig, out: Path) -> dict:
+    """One model: fit, validate and test with the best checkpoint; writes results.json (and predictions) into `out`."""
     L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -62,18 +83,24 @@ def train(cfg: DictConfig) -> float:
     datamodule.prepare_data()
     datamodule.setup("fit")
     print(datamodule.summary())
+    fit_model = model
+    if cfg.get("compile"):
+        import torch
+
+        fit_model = torch.compile(model)  # Lightning saves the plain module's weights
     start = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.time() - start
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    val = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    val = trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
     results = {
         "task": cfg.task,
         "model": cfg.model.model_name,
+        "overrides": _overrides(),
         "val": _strip(val, "val"),
         "test": _strip(test, "test"),
         "centers": datamodule.centers,
@@ -89,16 +116,70 @@ def train(cfg: DictConfig) -> float:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "splits.json").write_text(json.dumps(datamodule.splits, indent=1))  # which patients trained, validated, tested
     if hasattr(model, "test_predictions"):
-        with open(out / "test_predictions.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["id", "label", "probability"])
-            writer.writeheader()
-            writer.writerows(model.test_predictions)
-    print(f"{summary(results)}\nResults: {out / 'results.json'}")
+        write_predictions(out / "test_predictions.csv", model.test_predictions)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
-        wandb.finish()  # a multirun starts a new W&B run per job
-    return results["val"][cfg.optimized_metric.removeprefix("val/")]
+        wandb.finish()  # a multirun (or a CV run) starts a new W&B run per model
+    return results
+
+
+def write_predictions(path: Path, predictions: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(predictions[0]) if predictions else ["id", "label", "probability"])
+        writer.writeheader()
+        writer.writerows(predictions)
+
+
+def cross_validate(cfg: DictConfig, folds: int) -> dict:
+    """`cv.folds` patient folds of the development center: one model per fold (in `fold_<k>/`), val
+    metrics as mean and sd over folds, the external test scored once with the fold ensemble (mean
+    probability). The external center never enters a fold."""
+    if cfg.task != "classification":
+        raise ConfigError("cv.folds > 1 is for task=classification; segmenters use one validation fold")
+    if cfg.cv.get("test", "ensemble") != "ensemble":
+        raise ConfigError(f"cv.test={cfg.cv.test}: the external test uses the fold ensemble (cv.test=ensemble)")
+    import numpy as np
+    import torch
+
+    from ovcf.tasks.classification import binary_metrics
+
+    out = Path(cfg.paths.output_dir)
+    runs = []
+    for k in range(folds):
+        fold_cfg = cfg.copy()
+        with open_dict(fold_cfg):
+            fold_cfg.data.val_fraction = 1.0 / folds
+            fold_cfg.data.fold = k
+            fold_cfg.paths.output_dir = str(out / f"fold_{k}")
+        (out / f"fold_{k}").mkdir(parents=True, exist_ok=True)
+        print(f"Fold {k + 1} of {folds}")
+        runs.append(fit_and_test(fold_cfg, out / f"fold_{k}"))
+    predictions = [list(csv.DictReader(open(out / f"fold_{k}" / "test_predictions.csv"))) for k in range(folds)]
+    ensemble = []
+    for rows in zip(*predictions):
+        probs = [float(r["probability"]) for r in rows]
+        row = {"id": rows[0]["id"], "label": int(rows[0]["label"]), "probability": float(np.mean(probs))}
+        ensemble.append(row | {f"fold_{k}": p for k, p in enumerate(probs)})
+    metrics = binary_metrics()
+    metrics.update(torch.tensor([r["probability"] for r in ensemble]), torch.tensor([r["label"] for r in ensemble]))
+    test = {name: float(value) for name, value in metrics.compute().items()}
+    vals = {key: [r["val"][key] for r in runs] for key in runs[0]["val"]}
+    results = {
+        **{key: runs[0][key] for key in ("task", "model", "overrides", "centers", "seed", "params")},
+        "val": {key: float(np.mean(v)) for key, v in vals.items()},
+        "val_sd": {key: float(np.std(v, ddof=1)) for key, v in vals.items()},
+        "test": test,
+        "cv": {"folds": folds, "test": "ensemble"},
+        "folds": [{"fold": k, "val": r["val"], "test": r["test"], "n": r["n"]} for k, r in enumerate(runs)],
+        "n": {"train+val": sum(runs[0]["n"][s] for s in ("train", "val")), "test": runs[0]["n"]["test"]},
+        "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_predictions(out / "test_predictions.csv", ensemble)
+    sd = results["val_sd"]["auroc"]
+    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = fold ensemble")
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -39,6 +39,16 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
         out = model.eval()(torch.rand(2, 1, 48, 48, 48))
     assert out.shape == (2,)
 
+    # Sign ablation re-renders the external center from the checkpoint's generator settings: with
+    # nothing switched off it reproduces the run's external AUROC on the same rows.
+    args = [f"ckpt={run / results['best_checkpoint']}", "signs=[impaction_band]", "progress=false"]
+    proc = run_cli("ovcf.sign_ablation", [*args, f"hydra.run.dir={tmp_path / 'ablation'}"], cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = list(csv.DictReader(open(tmp_path / "ablation" / "sign_ablation.csv")))
+    assert [r["switched_off"] for r in table] == ["none", "impaction_band"]
+    assert float(table[0]["auroc"]) == pytest.approx(results["test"]["auroc"], abs=1e-3)
+    assert int(table[0]["rows"]) == results["n"]["test"]
+
 
 def test_segmenter_sweep_writes_a_leaderboard(cli_env, tmp_path):
     """`-m experiment=segmenters`: all three segmenters run end to end, the leaderboard marks the best by val Dice."""

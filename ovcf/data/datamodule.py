@@ -47,8 +47,10 @@ def window_hu(image: np.ndarray, hu_window) -> torch.Tensor:
 class VertebraDataset(Dataset):
     """In-memory ROIs of fractured vertebrae with their label and clinical features."""
 
-    def __init__(self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window, transform=None):
-        self.rows, self.transform = rows, transform
+    def __init__(
+        self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window, transform=None, mask_channel: bool = False
+    ):
+        self.rows, self.transform, self.mask_channel = rows, transform, mask_channel
         self.images = window_hu(images, hu_window).unsqueeze(1)
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
@@ -67,6 +69,8 @@ class VertebraDataset(Dataset):
             subject = tio.Subject(image=tio.ScalarImage(tensor=image.clone()), mask=tio.LabelMap(tensor=mask.clone()))
             subject = self.transform(subject)
             image, mask = subject["image"].data.float(), subject["mask"].data
+        if self.mask_channel:
+            image = torch.cat([image, mask.to(image.dtype)])
         return {
             "image": image,
             "mask": mask,
@@ -74,6 +78,28 @@ class VertebraDataset(Dataset):
             "clinical": self.clinical[i],
             "id": f"{r['pseudonym']}:{r['level']}",
         }
+
+
+def load_samples(
+    cache: Path, rows: list[dict], roi_size: int, hu_window, transform=None, mask_channel: bool = False
+) -> VertebraDataset:
+    """The cached ROI and body mask of each index row (`samples/<pseudonym>.npz`), as a dataset."""
+    images, masks, arrays = [], [], {}
+    for r in rows:
+        p = r["pseudonym"]
+        if p not in arrays:
+            arrays[p] = np.load(Path(cache) / "samples" / f"{p}.npz")
+        images.append(arrays[p][f"r{r['row']}_image"])
+        masks.append(arrays[p][f"r{r['row']}_mask"])
+    shape = (0, *(roi_size,) * 3)
+    return VertebraDataset(
+        rows,
+        np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
+        np.stack(masks) if masks else np.zeros(shape, np.uint8),
+        hu_window,
+        transform,
+        mask_channel,
+    )
 
 
 def clinical_features(row: dict) -> list[float]:
@@ -84,11 +110,15 @@ def clinical_features(row: dict) -> list[float]:
     return [(age - 70.0) / 10.0, 1.0 if row["sex"] == "F" else -1.0, (t + 2.5) / 1.5]
 
 
+OPTIONAL = ("ablate", "render_centers")  # generator options that are off by default
+
+
 def synthetic_folder(data_dir: Path, params: dict) -> Path:
     """Folder of a generated cohort, named by the generator's version and parameters."""
     from ovcf.synth import GENERATOR_VERSION
 
-    params = {k: v for k, v in params.items() if k not in ("num_workers", "progress")}
+    # Options that are off leave the name as it was before they existed.
+    params = {k: v for k, v in params.items() if k not in ("num_workers", "progress") and (v or k not in OPTIONAL)}
     key = json.dumps([GENERATOR_VERSION, params], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(data_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
@@ -128,6 +158,10 @@ class CohortDataModule(L.LightningDataModule):
         roi_source: "given" cuts ROIs from the cohort's masks; "predicted" from `predicted_masks`.
         predicted_masks: the folder `python -m ovcf.segment` wrote (`<pseudonym>.nii.gz` per patient).
         hu_window: HU range mapped to [0, 1].
+        in_channels: 1 feeds the CT; 2 adds the body mask as a second channel (the model configs
+            read their `in_channels` from here).
+        sampler: "balanced" draws training samples with weights that equalise acute and chronic;
+            None shuffles (class imbalance can also be handled by `model.pos_weight=auto`).
         augment: torchio transforms for training samples, `{TransformName: kwargs}`.
         ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
     """
@@ -150,6 +184,8 @@ class CohortDataModule(L.LightningDataModule):
         roi_source: str = "given",
         predicted_masks: str | None = None,
         hu_window: tuple[float, float] = (-250.0, 1250.0),
+        in_channels: int = 1,
+        sampler: str | None = None,
         augment: dict | None = None,
         ingest: dict | None = None,
         batch_size: int = 16,
@@ -181,6 +217,10 @@ class CohortDataModule(L.LightningDataModule):
                 "data.roi_source=predicted needs data.predicted_masks: run python -m ovcf.segment ckpt=<segmenter.ckpt> "
                 "and pass the folder it prints"
             )
+        if in_channels not in (1, 2):
+            raise ConfigError(f"data.in_channels={in_channels}: use 1 (CT) or 2 (CT and the body mask)")
+        if sampler not in (None, "balanced"):
+            raise ConfigError(f"data.sampler={sampler!r}: use null (shuffle) or balanced")
         self.augment = build_augment(augment)
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
@@ -265,31 +305,25 @@ class CohortDataModule(L.LightningDataModule):
         return dev, ext
 
     def _dataset(self, rows: list[dict], transform=None) -> VertebraDataset:
-        images, masks, cache = [], [], {}
-        for r in rows:
-            p = r["pseudonym"]
-            if p not in cache:
-                cache[p] = np.load(self.cache / "samples" / f"{p}.npz")
-            images.append(cache[p][f"r{r['row']}_image"])
-            masks.append(cache[p][f"r{r['row']}_mask"])
-        shape = (0, *(self.roi.size,) * 3)
-        return VertebraDataset(
-            rows,
-            np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32),
-            np.stack(masks) if masks else np.zeros(shape, np.uint8),
-            self.hparams.hu_window,
-            transform,
-        )
+        hp = self.hparams
+        return load_samples(self.cache, rows, self.roi.size, hp.hu_window, transform, hp.in_channels == 2)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
         gen = torch.Generator().manual_seed(hp.seed)
+        sampler = None
+        if shuffle and hp.sampler == "balanced":
+            labels = self.datasets[name].labels
+            counts = torch.stack([(labels == 0).sum(), (labels == 1).sum()]).clamp(min=1).float()
+            weights = (1.0 / counts)[labels.long()]
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
         return DataLoader(
             self.datasets[name],
             batch_size=hp.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=hp.num_workers,
-            generator=gen if shuffle else None,
+            generator=gen if shuffle and sampler is None else None,
             # a last training batch of a single sample breaks batch norm: drop it
             drop_last=shuffle and len(self.datasets[name]) % hp.batch_size == 1,
             persistent_workers=hp.num_workers > 0,

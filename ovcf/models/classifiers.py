@@ -1,8 +1,10 @@
-"""Acute-vs-chronic classifiers. Every network takes the ROI cube (B, C, X, Y, Z) and returns one logit.
+"""Acute-vs-chronic image encoders. Each takes the ROI cube (B, C, X, Y, Z) and returns features (B, F).
 
-2D networks see it as 2.5D: a few sagittal slices through the body stacked as channels, which is
-how radiologists read a compression fracture (height loss, endplates, band under the endplate).
-Nothing is ever downloaded: `pretrained` needs `weights`, a local file.
+The head (and the clinical fusion) lives in `ovcf.tasks.ClassificationTask`, so every encoder
+exposes `num_features`. 2D networks see the cube as 2.5D: a few sagittal slices through the body
+stacked as channels, which is how radiologists read a compression fracture (height loss,
+endplates, the band under the endplate). 3D networks see the whole cube. Nothing is ever
+downloaded: `pretrained` needs `weights`, a local file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import timm
 import torch
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet121, ViT
 from torch import nn
 
 from ovcf.errors import ConfigError
@@ -24,6 +26,7 @@ class SagittalStack(nn.Module):
     def __init__(self, net: nn.Module, n_slices: int, slice_step: int):
         super().__init__()
         self.net, self.n_slices, self.slice_step = net, n_slices, slice_step
+        self.num_features = net.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centre = x.shape[2] // 2
@@ -47,51 +50,266 @@ def _weights_file(weights: str | None, pretrained: bool) -> Path | None:
     return path
 
 
-def timm_2d(name: str, in_chans: int, num_outputs: int, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    """A timm network; local weights are loaded by timm, which adapts the first conv to `in_chans`."""
+def timm_2d(arch: str, in_chans: int, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
+    """A timm network without its classifier; timm loads local weights and adapts the first conv to `in_chans`."""
     path = _weights_file(weights, pretrained)
-    if path is None:
-        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_outputs, **kwargs)
-    return timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, in_chans=in_chans, num_classes=num_outputs, **kwargs
-    )
+    if path is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    try:
+        return timm.create_model(arch, in_chans=in_chans, num_classes=0, **kwargs)
+    except RuntimeError as exc:  # a checkpoint of another architecture
+        raise ConfigError(f"weight file {path} does not fit timm's {arch}: {exc}") from exc
+
+
+def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A conv kernel made for another input channel count: the channel sum spread evenly, so that
+    identical inputs on every channel give the response the kernel had (as timm does for 2D)."""
+    return (weight.sum(1, keepdim=True) / in_channels).expand(-1, in_channels, *weight.shape[2:]).clone()
 
 
 def load_matching(model: nn.Module, path: Path) -> nn.Module:
-    """Loads the tensors of a local checkpoint whose names and shapes match (heads differ)."""
+    """Loads the tensors of a local checkpoint whose names and shapes match (heads differ); a kernel
+    that differs only in input channels (a mask channel, a grey-scale net) is adapted."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            continue
+        target = own[key].shape
+        if value.shape == target:
+            usable[key] = value
+        elif value.ndim >= 3 and value.shape[0] == target[0] and value.shape[2:] == target[2:]:
+            usable[key] = adapt_first_conv(value, target[1])
     if not usable:
         raise ConfigError(f"no tensor of {path} matches the model's layers: is it a checkpoint of this architecture?")
     model.load_state_dict(usable, strict=False)
     return model
 
 
-@register_model("densenet121")
-def densenet121(
-    in_channels: int = 1,
-    n_slices: int = 5,
-    slice_step: int = 2,
-    num_outputs: int = 1,
-    pretrained: bool = False,
-    weights: str | None = None,
-) -> nn.Module:
-    """timm DenseNet-121 on 2.5D sagittal slices."""
-    net = timm_2d("densenet121", n_slices * in_channels, num_outputs, pretrained, weights)
-    return SagittalStack(net, n_slices, slice_step)
+def _register_sagittal(name: str, arch: str, doc: str, pooled: bool = False, **defaults) -> None:
+    """Registers `name`: timm's `arch` on 2.5D sagittal slices. `defaults` are timm keyword
+    arguments (ROI-sized `img_size`, `patch_size`, `window_size`) that the model config may override;
+    `pooled` replaces the network's pre-logits block by the global average pooling of its head."""
+
+    def factory(
+        in_channels: int = 1,
+        n_slices: int = 5,
+        slice_step: int = 2,
+        arch: str = arch,
+        pretrained: bool = False,
+        weights: str | None = None,
+        **timm_kwargs,
+    ) -> nn.Module:
+        net = timm_2d(arch, n_slices * in_channels, pretrained, weights, **(defaults | timm_kwargs))
+        if pooled:
+            net.pre_logits = nn.Identity()
+        return SagittalStack(net, n_slices, slice_step)
+
+    factory.__doc__ = doc
+    register_model(name)(factory)
+
+
+_register_sagittal("densenet121", "densenet121", "timm DenseNet-121 on 2.5D sagittal slices.")
+_register_sagittal(
+    "vgg16",
+    "vgg16_bn",
+    """timm VGG-16 (with batch norm: plain VGG does not train from scratch) on 2.5D slices.
+
+    The 4096-wide fully connected block is dropped for global average pooling of the last
+    convolutions: at ROI size its 7x7 kernel would see one pixel, and it holds 100 M of the 134 M
+    parameters, far too many for a few hundred vertebrae.""",
+    pooled=True,
+)
+_register_sagittal(
+    "vit",
+    "vit_tiny_patch16_224",
+    """A timm ViT at the ROI size on 2.5D slices: ViT-Ti (192 wide, 12 blocks) with 8-pixel patches by default.
+
+    `arch` takes any timm ViT (e.g. `vit_base_patch16_224` for ViT-B); timm resamples a local
+    checkpoint's patch and position embeddings to `patch_size` and `img_size`.""",
+    img_size=48,
+    patch_size=8,
+)
+_register_sagittal(
+    "swin",
+    "swin_tiny_patch4_window7_224",
+    """A timm Swin Transformer (Swin-T) at the ROI size: 2-pixel patches and 3x3 windows give
+    24, 12, 6 and 3 tokens per side over the four stages of a 48-pixel plane.""",
+    img_size=48,
+    patch_size=2,
+    window_size=3,
+)
+
+
+class Features3d(nn.Module):
+    """A 3D network's feature extractor with its `num_features` (the head is the task's)."""
+
+    def __init__(self, net: nn.Module, num_features: int):
+        super().__init__()
+        self.net, self.num_features = net, num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 @register_model("densenet121_3d")
 def densenet121_3d(
     in_channels: int = 1,
-    num_outputs: int = 1,
     spatial_dims: int = 3,
     pretrained: bool = False,
     weights: str | None = None,
 ) -> nn.Module:
     """MONAI DenseNet-121 on the whole ROI cube."""
     path = _weights_file(weights, pretrained)
-    net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_outputs)
+    net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
+    if path is not None:
+        load_matching(net, path)
+    num_features = net.class_layers.out.in_features
+    net.class_layers.out = nn.Identity()
+    return Features3d(net, num_features)
+
+
+VGG16_CHANNELS = (64, 128, 256, 512, 512)
+VGG16_CONVS = (2, 2, 3, 3, 3)
+
+
+class VGG3d(nn.Module):
+    """VGG-16's layout in 3D: five stages of 3x3x3 convolutions (2, 2, 3, 3, 3), each closed by max
+    pooling, with batch norm, then global average pooling."""
+
+    def __init__(self, in_channels: int, width: float):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for channels, convs in zip(VGG16_CHANNELS, VGG16_CONVS):
+            c_out = max(8, int(round(channels * width)))
+            for _ in range(convs):
+                layers += [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool3d(2, ceil_mode=True))
+        self.features = nn.Sequential(*layers)
+        self.num_features = c_in
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3, 4))
+
+
+@register_model("vgg16_3d")
+def vgg16_3d(in_channels: int = 1, width: float = 0.25, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """VGG-16 in 3D. `width` scales its channels (64..512): 1.0 is the paper's net (about 44 M
+    parameters, slow on a CPU); 0.25 (16..128 channels) is the default."""
+    path = _weights_file(weights, pretrained)
+    net = VGG3d(in_channels, width)
+    return load_matching(net, path) if path is not None else net
+
+
+class ViT3d(nn.Module):
+    """MONAI's ViT on the cube; the features are the mean of the final (normed) patch tokens."""
+
+    def __init__(self, vit: ViT, hidden_size: int):
+        super().__init__()
+        self.vit, self.num_features = vit, hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.vit(x)
+        return tokens.mean(dim=1)
+
+
+@register_model("vit_3d")
+def vit_3d(
+    in_channels: int = 1,
+    img_size: int = 48,
+    patch_size: int = 8,
+    hidden_size: int = 192,
+    mlp_dim: int = 768,
+    num_layers: int = 6,
+    num_heads: int = 3,
+    dropout_rate: float = 0.0,
+    spatial_dims: int = 3,
+    pretrained: bool = False,
+    weights: str | None = None,
+) -> nn.Module:
+    """MONAI ViT on 8^3-voxel patches of the cube (216 tokens at 48^3): a ViT-Ti width, 6 blocks."""
+    path = _weights_file(weights, pretrained)
+    net = ViT(
+        in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim,
+        num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
+        classification=False,
+    )  # fmt: skip
+    if path is not None:
+        load_matching(net, path)
+    return ViT3d(net, hidden_size)
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class SliceTransformer(nn.Module):
+    """A 2D CNN encodes every `slice_step`-th slice of the cube along `slice_axis`; a Transformer
+    encoder attends across the slices (learned positions, a class token) and returns its class token.
+
+    Sagittal slices (axis 0, the default) run from one pedicle to the other, so attention can relate
+    the band under an endplate in one slice to the height loss in the next.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: tuple[int, ...],
+        slice_axis: int,
+        slice_step: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        max_slices: int,
+        dropout: float,
+    ):
+        super().__init__()
+        if slice_axis not in (0, 1, 2):
+            raise ConfigError(f"slice_axis={slice_axis}: use 0 (sagittal), 1 (coronal) or 2 (axial)")
+        layers, c_in = [], in_channels
+        for c in channels:
+            layers += _conv_bn(c_in, c, 2) + _conv_bn(c, c, 1)
+            c_in = c
+        self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, max_slices + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.slice_axis, self.slice_step, self.max_slices, self.num_features = slice_axis, slice_step, max_slices, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        x = x.movedim(2 + self.slice_axis, 1)[:, :: self.slice_step]  # (B, S, C, H, W)
+        s = x.shape[1]
+        if s > self.max_slices:
+            raise ValueError(f"{s} slices exceed max_slices={self.max_slices}: raise it or slice_step")
+        tokens = self.encoder(x.flatten(0, 1)).reshape(b, s, -1)
+        tokens = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : s + 1]
+        return self.norm(self.transformer(tokens)[:, 0])
+
+
+@register_model("transformer")
+def transformer(
+    in_channels: int = 1,
+    channels: tuple[int, ...] = (32, 64, 128),
+    slice_axis: int = 0,
+    slice_step: int = 2,
+    dim: int = 128,
+    depth: int = 2,
+    heads: int = 4,
+    max_slices: int = 64,
+    dropout: float = 0.1,
+    pretrained: bool = False,
+    weights: str | None = None,
+) -> nn.Module:
+    """The slice-sequence Transformer (see `SliceTransformer`)."""
+    path = _weights_file(weights, pretrained)
+    net = SliceTransformer(in_channels, tuple(channels), slice_axis, slice_step, dim, depth, heads, max_slices, dropout)
     return load_matching(net, path) if path is not None else net

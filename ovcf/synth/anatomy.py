@@ -76,15 +76,29 @@ def sign_strength(difficulty: float) -> float:
     return 2.0 * (1.0 - difficulty)
 
 
-def draw_fracture(rng: np.random.Generator, label: str, signs_cfg: dict, grades_cfg: dict, difficulty: float = 0.5) -> Fracture:
+def draw_fracture(
+    rng: np.random.Generator,
+    label: str,
+    signs_cfg: dict,
+    grades_cfg: dict,
+    difficulty: float = 0.5,
+    ablate: tuple[str, ...] = (),
+) -> Fracture:
     """Draws grade, shape and the CT signs of one fracture from the configured mix.
 
     `difficulty` scales each sign's probability and its contrast (the parameters in
     `CONTRAST_KEYS`) by `sign_strength`, so one number moves a cohort from obvious to hopeless
     while the mix of signs stays the one configured.
+
+    `ablate` switches single cues off to find out what a model reads: a sign named there is drawn
+    as usual (the random stream, hence every other draw, stays the same) and then dropped;
+    `collapse` gives both labels the same grade mix, so height loss no longer hints at the label.
     """
     k = sign_strength(difficulty)
-    grade = int(rng.choice([1, 2, 3], p=np.asarray(grades_cfg[label], float) / np.sum(grades_cfg[label])))
+    mix = np.asarray(grades_cfg[label], float) / np.sum(grades_cfg[label])
+    if "collapse" in ablate:
+        mix = np.mean([np.asarray(g, float) / np.sum(g) for g in grades_cfg.values()], axis=0)
+    grade = int(rng.choice([1, 2, 3], p=mix))
     loss = _uniform(rng, {1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 0.55)}[grade])
     morphology = str(rng.choice(["wedge", "biconcave", "crush"], p=[0.5, 0.3, 0.2]))
     if morphology == "biconcave":
@@ -96,6 +110,7 @@ def draw_fracture(rng: np.random.Generator, label: str, signs_cfg: dict, grades_
         if rng.random() < min(1.0, spec["p"] * k):
             drawn = {key: _uniform(rng, v) for key, v in spec.items() if key != "p"}
             signs[name] = {key: v * k if key in CONTRAST_KEYS else v for key, v in drawn.items()}
+    signs = {name: spec for name, spec in signs.items() if name not in ablate}
     return Fracture(label, grade, morphology, loss, endplate, signs)
 
 

@@ -63,7 +63,9 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     by_name = {v.level: v for v in vertebrae}
     for level in levels:
         label = "acute" if rng.random() < cfg["acute_fraction"] else "chronic"
-        by_name[level].fracture = draw_fracture(rng, label, cfg["signs"], cfg["grades"], cfg.get("difficulty", 0.5))
+        by_name[level].fracture = draw_fracture(
+            rng, label, cfg["signs"], cfg["grades"], cfg.get("difficulty", 0.5), tuple(cfg.get("ablate") or ())
+        )
     apply_fracture_heights(vertebrae)
 
     problem = job.get("problem")
@@ -196,6 +198,13 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
         raise ConfigError(
             f"synthetic.difficulty must lie in [0, 1] (0 obvious, 0.5 default, 1 no signs), got {cfg['difficulty']}"
         )
+    cues = sorted({name for signs in cfg["signs"].values() for name in signs} | {"collapse"})
+    unknown = set(cfg.get("ablate") or ()) - set(cues)
+    if unknown:
+        raise ConfigError(f"synthetic.ablate names {', '.join(sorted(unknown))}: choose from {', '.join(cues)}")
+    rendered = cfg.get("render_centers") or centers
+    if set(rendered) - set(centers):
+        raise ConfigError(f"synthetic.render_centers={list(rendered)}: the centers are {', '.join(centers)}")
     problems = _assign_problems(cfg.get("plant") or {}, cfg["patients_per_center"], cfg["seed"])
     orientations = cfg.get("mask_orientations", ["LPS"])
     # planted implants alternate between cement and screws, starting differently per center
@@ -213,6 +222,7 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
             "report": report,
         }
         for c_idx, center in enumerate(centers)
+        if center in rendered  # a center left out keeps the others' patients as they are in the full cohort
         for p_idx in range(cfg["patients_per_center"])
     ]
     results = pool_map(_patient, jobs, num_workers, "Generating phantoms", progress)

@@ -43,18 +43,14 @@ def predict(task, dataset, batch_size: int = 32) -> torch.Tensor:
     """Acute probabilities of every sample of `dataset`, in order."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     device = next(task.parameters()).device
-    probs = [torch.sigmoid(task(b["image"].to(device), b["clinical"].to(device)).float()).cpu() for b in loader]
+    probs = [torch.sigmoid(task.logits({k: v.to(device) for k, v in b.items() if k != "id"}).float()).cpu() for b in loader]
     return torch.cat(probs) if probs else torch.zeros(0)
-
-
-def cues(synthetic: dict) -> list[str]:
-    """Every sign of the generator config (either label), and `collapse`."""
-    return sorted({name for signs in synthetic["signs"].values() for name in signs}) + ["collapse"]
 
 
 def ablate(cfg: DictConfig) -> Path:
     from ovcf.data.datamodule import load_samples, synthetic_folder
     from ovcf.data.ingest import IngestChecks, RoiSpec, ingest, read_index
+    from ovcf.synth.anatomy import ablation_cues
     from ovcf.synth.cohort import generate_cohort
     from ovcf.tasks.classification import binary_metrics
 
@@ -67,10 +63,11 @@ def ablate(cfg: DictConfig) -> Path:
     center = cfg.center or data.get("external_center") or centers[1]
     if center not in centers:
         raise ConfigError(f"center={center} is not a center of the model's cohort ({', '.join(centers)})")
-    variants = list(cfg.signs) if cfg.signs else cues(synthetic)
-    unknown = set(variants) - set(cues(synthetic))
+    cues = ablation_cues(synthetic["signs"])
+    variants = list(cfg.signs) if cfg.signs else cues
+    unknown = set(variants) - set(cues)
     if unknown:
-        raise ConfigError(f"signs={sorted(unknown)}: choose from {', '.join(cues(synthetic))}")
+        raise ConfigError(f"signs={sorted(unknown)}: choose from {', '.join(cues)}")
     roi = RoiSpec(int(data["roi_size"]), float(data["roi_spacing"]), None)
     checks = IngestChecks.from_config(data.get("ingest"))
     out = Path(cfg.out)

@@ -71,6 +71,11 @@ def _uniform(rng: np.random.Generator, bounds) -> float:
     return float(rng.uniform(lo, hi))
 
 
+def ablation_cues(signs_cfg: dict) -> list[str]:
+    """What `ablate` can switch off: every configured sign (either label), then `collapse`."""
+    return sorted({name for signs in signs_cfg.values() for name in signs}) + ["collapse"]
+
+
 def sign_strength(difficulty: float) -> float:
     """How strongly signs show: x2 at difficulty 0, as configured at 0.5, not at all at 1."""
     return 2.0 * (1.0 - difficulty)

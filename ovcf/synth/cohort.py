@@ -27,7 +27,7 @@ from ovcf.contract import (
 )
 from ovcf.errors import ConfigError
 from ovcf.parallel import pool_map
-from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
+from ovcf.synth.anatomy import ablation_cues, apply_fracture_heights, draw_fracture, draw_spine
 from ovcf.synth.difficulty import FEATURES, baseline_auc, fracture_features
 from ovcf.synth.export import PatientHeader, write_ct_series, write_localizer, write_mask, write_mr_series
 from ovcf.synth.implants import IMPLANT_KINDS, add_cement, add_screws
@@ -198,7 +198,7 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
         raise ConfigError(
             f"synthetic.difficulty must lie in [0, 1] (0 obvious, 0.5 default, 1 no signs), got {cfg['difficulty']}"
         )
-    cues = sorted({name for signs in cfg["signs"].values() for name in signs} | {"collapse"})
+    cues = ablation_cues(cfg["signs"])
     unknown = set(cfg.get("ablate") or ()) - set(cues)
     if unknown:
         raise ConfigError(f"synthetic.ablate names {', '.join(sorted(unknown))}: choose from {', '.join(cues)}")

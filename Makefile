@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export WANDB_SILENT := true
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup browser train test bench lint clean
 
 $(BIN)/ovcf-installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,11 +14,19 @@ $(BIN)/ovcf-installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/ovcf-installed
 
+# The report test renders report.html in a real headless Chromium (Debian's package; needs root or sudo).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	   $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	   ($$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null)) || \
+	  echo "warning: Chromium could not be installed; the browser test of report.html will be skipped"
+
 train: setup
 	$(BIN)/python -m ovcf.train model=densenet121
 
-test: setup
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+test: setup browser
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_synth

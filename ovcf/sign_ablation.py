@@ -24,32 +24,10 @@ from ovcf.cli import check_overrides, config_dir, guarded
 from ovcf.errors import ConfigError
 
 
-def load_classifier(ckpt: str | Path, device: str = "cpu"):
-    """The ClassificationTask of a checkpoint and its data module's settings."""
-    from ovcf.tasks import ClassificationTask
-
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt={ckpt}: no such checkpoint; pass a checkpoint of a task=classification run")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if "clinical" not in raw.get("hyper_parameters", {}):
-        raise ConfigError(f"{path} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
-    task = ClassificationTask.load_from_checkpoint(path, map_location=device).eval()
-    return task, raw.get("datamodule_hyper_parameters", {})
-
-
-@torch.no_grad()
-def predict(task, dataset, batch_size: int = 32) -> torch.Tensor:
-    """Acute probabilities of every sample of `dataset`, in order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    device = next(task.parameters()).device
-    probs = [torch.sigmoid(task.logits({k: v.to(device) for k, v in b.items() if k != "id"}).float()).cpu() for b in loader]
-    return torch.cat(probs) if probs else torch.zeros(0)
-
-
 def ablate(cfg: DictConfig) -> Path:
     from ovcf.data.datamodule import load_samples, synthetic_folder
     from ovcf.data.ingest import IngestChecks, RoiSpec, ingest, read_index
+    from ovcf.eval.predictions import load_classifier, predict
     from ovcf.synth.anatomy import ablation_cues
     from ovcf.synth.cohort import generate_cohort
     from ovcf.tasks.classification import binary_metrics

@@ -54,6 +54,25 @@ def cli_env(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, cli_env, tiny_cohort) -> Path:
+    """A two-model smoke multirun on the tiny cohort (DenseNet-121 in 2.5D and 3D); trained once per session."""
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    sweep = root / "sweep"
+    args = [
+        "-m",
+        "model=densenet121,densenet121_3d",
+        "debug=smoke",
+        f"data.cohort={tiny_cohort}",
+        "data.val_fraction=0.5",
+        "data.roi_size=32",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = run_cli("ovcf.train", args, cli_env, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
 def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout

@@ -52,6 +52,19 @@ def test_every_model_runs_forward_and_backward(name, in_channels):
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["vit", "swin", "vit_3d"])
+def test_conv_stem_makes_the_same_token_grid(name):
+    """The convolutional stem replaces the patchify layer without changing the tokens' grid or width."""
+    kwargs = _kwargs(name, 32, 1)
+    stem, plain = (create_model(name, task="classification", **(kwargs | {"conv_stem": c})) for c in (True, False))
+    layer = (lambda n: n.net.patch_embed.proj) if name != "vit_3d" else (lambda n: n.vit.patch_embedding.patch_embeddings)
+    image = torch.rand(2, 5 if name != "vit_3d" else 1, *(32,) * (2 if name != "vit_3d" else 3))
+    assert isinstance(layer(stem), torch.nn.Sequential) and not isinstance(layer(plain), torch.nn.Sequential)
+    assert layer(stem)(image).shape == layer(plain)(image).shape
+    with pytest.raises(ConfigError, match="power of 2"):
+        create_model("vit", task="classification", **(_kwargs("vit", 30, 1) | {"patch_size": 6}))
+
+
 def test_clinical_fusion_widens_the_head_and_changes_the_output():
     torch.manual_seed(0)
     kwargs = _kwargs("transformer", 32, 1)

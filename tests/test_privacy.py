@@ -2,9 +2,10 @@
 
 PHI is planted in every DICOM file (name, birth date, accession number, institution, physicians,
 address, the patient ID itself), in the CSV (the IDs plus extra name and birth-date columns), in
-the mask file names and in the export's folder names. Then `ovcf.ingest` and a short `ovcf.train`
-with the W&B logger (offline) run, and every file they wrote (cache, logs, checkpoints, W&B run,
-reports, plots) and their console output must be free of it, file names included.
+the mask file names and in the export's folder names. Then `ovcf.ingest`, a short `ovcf.train` with the W&B logger (offline)
+and `ovcf.evaluate` (predictions, figures, Grad-CAM, its offline W&B run) run, and every file they
+wrote (cache, logs, checkpoints, W&B runs, reports, plots) and their console output must be free
+of it, file names included.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def test_no_phi_in_anything_the_pipeline_writes(tiny_cohort, tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     assert any((written / "logs").rglob("*.ckpt")) and any((written / "logs").rglob("*.wandb")), "checkpoints and a W&B run"
     assert any((written / "cache").rglob("flow.png")) and any((written / "cache").rglob("splits.json"))
+    run = next((written / "logs").rglob("results.json")).parent
+    evaluate = run_cli(
+        "ovcf.evaluate",
+        [f"run={run}", f"out={written / 'evaluation'}", "threshold.rule=fixed", "progress=false", *common],
+        env,
+        tmp_path,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert any((written / "evaluation" / "gradcam").rglob("*.png")) and any((written / "evaluation").rglob("*.wandb"))
     assert _leaks(written, secrets) == []
-    console = (ingest.stdout + ingest.stderr + train.stdout + train.stderr).lower()
+    console = (ingest.stdout + ingest.stderr + train.stdout + train.stderr + evaluate.stdout + evaluate.stderr).lower()
     assert [what for what, value in secrets.items() if value.lower() in console] == []

@@ -88,6 +88,25 @@ def load_matching(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def make_conv_stem(spatial_dims: int, in_channels: int, out_channels: int, patch_size: int, width: int = 24) -> nn.Sequential:
+    """A convolutional stem in place of a ViT's patchify layer (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): log2(patch_size) stride-2 3x3 convolutions with batch norm,
+    doubling from `width` channels, then a 1x1 projection to the token width. It gives the same token
+    grid as the patchify layer, but its local inductive bias lets a ViT learn from a few hundred
+    vertebrae instead of millions of images."""
+    steps = int(patch_size).bit_length() - 1
+    if patch_size < 2 or 2**steps != patch_size:
+        raise ConfigError(f"conv_stem needs patch_size a power of 2 (got {patch_size}), or set conv_stem=false")
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    layers, c_in = [], in_channels
+    for i in range(steps):
+        c_out = width * 2**i
+        layers += [conv(c_in, c_out, 3, stride=2, padding=1, bias=False), norm(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    return nn.Sequential(*layers, conv(c_in, out_channels, 1))
+
+
 def _register_sagittal(name: str, arch: str, doc: str, pooled: bool = False, **defaults) -> None:
     """Registers `name`: timm's `arch` on 2.5D sagittal slices. `defaults` are timm keyword
     arguments (ROI-sized `img_size`, `patch_size`, `window_size`) that the model config may override;
@@ -100,11 +119,16 @@ def _register_sagittal(name: str, arch: str, doc: str, pooled: bool = False, **d
         arch: str = arch,
         pretrained: bool = False,
         weights: str | None = None,
+        conv_stem: bool = False,
         **timm_kwargs,
     ) -> nn.Module:
-        net = timm_2d(arch, n_slices * in_channels, pretrained, weights, **(defaults | timm_kwargs))
+        timm_kwargs = defaults | timm_kwargs
+        net = timm_2d(arch, n_slices * in_channels, pretrained, weights, **timm_kwargs)
         if pooled:
             net.pre_logits = nn.Identity()
+        if conv_stem:
+            proj = net.patch_embed.proj
+            net.patch_embed.proj = make_conv_stem(2, proj.in_channels, proj.out_channels, proj.stride[0])
         return SagittalStack(net, n_slices, slice_step)
 
     factory.__doc__ = doc
@@ -230,16 +254,20 @@ def vit_3d(
     num_heads: int = 3,
     dropout_rate: float = 0.0,
     spatial_dims: int = 3,
+    conv_stem: bool = False,
     pretrained: bool = False,
     weights: str | None = None,
 ) -> nn.Module:
-    """MONAI ViT on 8^3-voxel patches of the cube (216 tokens at 48^3): a ViT-Ti width, 6 blocks."""
+    """MONAI ViT on 8^3-voxel patches of the cube (216 tokens at 48^3): a ViT-Ti width, 6 blocks.
+    `conv_stem` (see `make_conv_stem`) replaces the patchify convolution; false is the plain ViT."""
     path = _weights_file(weights, pretrained)
     net = ViT(
         in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim,
         num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
         classification=False,
     )  # fmt: skip
+    if conv_stem:
+        net.patch_embedding.patch_embeddings = make_conv_stem(spatial_dims, in_channels, hidden_size, patch_size, width=16)
     if path is not None:
         load_matching(net, path)
     return ViT3d(net, hidden_size)

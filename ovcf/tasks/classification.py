@@ -123,6 +123,20 @@ class ClassificationTask(L.LightningModule):
         for i, p, y in zip(batch["id"], probs.tolist(), batch["label"].tolist()):
             self.test_predictions.append({"id": i, "label": int(y), "probability": p})
 
+    def on_test_epoch_end(self) -> None:
+        """W&B (when it logs): the external ROC, the confusion matrix at 0.5 and the per-case table."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
+        if not loggers or not self.test_predictions:
+            return
+        from ovcf.eval.wandb_media import case_media
+
+        rows = self.test_predictions
+        media = case_media("test", [r["id"] for r in rows], [r["label"] for r in rows], [r["probability"] for r in rows], 0.5)
+        for lg in loggers:
+            lg.experiment.log(media)
+
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self.logits(batch).float())
 

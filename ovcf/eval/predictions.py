@@ -1,0 +1,155 @@
+"""Acute probabilities of a trained run on its validation fold(s) and on an external cohort.
+
+A run is a `python -m ovcf.train` folder: one model (`results.json` names its best checkpoint), or
+a cross-validation run (`fold_<k>/`, one model per fold). Validation predictions come from each
+model on its own validation fold (out of fold), so the threshold is chosen on the development
+center only; the external rows are scored by every model and averaged (the fold ensemble).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovcf.errors import ConfigError
+
+COLUMNS = ("pseudonym", "level", "set", "label", "probability", "fold")
+
+
+def load_classifier(ckpt: str | Path, device: str = "cpu"):
+    """The ClassificationTask of a checkpoint and its data module's settings."""
+    from ovcf.tasks import ClassificationTask
+
+    path = Path(ckpt).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {ckpt} not found; pass a checkpoint of a task=classification run")
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    if "clinical" not in raw.get("hyper_parameters", {}):
+        raise ConfigError(f"{path} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
+    task = ClassificationTask.load_from_checkpoint(path, map_location=device).eval()
+    return task, raw.get("datamodule_hyper_parameters", {})
+
+
+@torch.no_grad()
+def predict(task, dataset, batch_size: int = 32) -> torch.Tensor:
+    """Acute probabilities of every sample of `dataset`, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    device = next(task.parameters()).device
+    probs = [torch.sigmoid(task.logits({k: v.to(device) for k, v in b.items() if k != "id"}).float()).cpu() for b in loader]
+    return torch.cat(probs) if probs else torch.zeros(0)
+
+
+def run_members(run: Path) -> list[tuple[str, Path]]:
+    """(fold name, best checkpoint) of each model of a run folder."""
+    run = Path(run)
+    results_file = run / "results.json"
+    if not results_file.is_file():
+        raise ConfigError(f"{run} holds no results.json: pass a finished python -m ovcf.train run folder (or a sweep folder)")
+    results = json.loads(results_file.read_text())
+    if results.get("task") != "classification":
+        raise ConfigError(f"{run} is a {results.get('task')} run; evaluate takes task=classification runs")
+    if "cv" in results:
+        folders = [(str(k), run / f"fold_{k}") for k in range(results["cv"]["folds"])]
+    else:
+        folders = [(None, run)]
+    members = []
+    for fold, folder in folders:
+        res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
+        if not res.get("best_checkpoint"):
+            raise ConfigError(f"{folder}/results.json names no best checkpoint: the run did not finish; train it again")
+        members.append((fold, folder / res["best_checkpoint"]))
+    return members
+
+
+def _records(rows: list[dict], labels, probs, subset: str, fold) -> list[dict]:
+    return [
+        {"pseudonym": r["pseudonym"], "level": r["level"], "set": subset, "label": int(y), "probability": float(p), "fold": fold}
+        for r, y, p in zip(rows, labels.tolist(), probs.tolist())
+    ]
+
+
+def external_dataset(hp: dict, cohort: Path, predicted_masks: str | None, workers: int, progress: bool):
+    """Every included row of another cohort as test rows, with the run's ingest, ROI and HU window."""
+    from ovcf.data.datamodule import load_samples
+    from ovcf.data.ingest import IngestChecks, RoiSpec, check_cohort, ingest, read_index
+
+    masks = None
+    if hp.get("roi_source") == "predicted":
+        if not predicted_masks:
+            raise ConfigError(
+                "this model was trained on ROIs from predicted masks: segment the cohort first "
+                f"(python -m ovcf.segment ckpt=<segmenter.ckpt> cohort={cohort}) and pass predicted_masks=<that folder>"
+            )
+        masks = predicted_masks
+    roi = RoiSpec(int(hp["roi_size"]), float(hp["roi_spacing"]), None)
+    cache = ingest(
+        check_cohort(Path(cohort)),
+        hp["cache_dir"],
+        roi,
+        hp["key_file"],
+        workers,
+        progress,
+        IngestChecks.from_config(hp.get("ingest")),
+        masks,
+    )
+    rows = [r for r in read_index(cache) if r["included"]]
+    if not rows:
+        raise ConfigError(f"cohort {cohort} has no included rows; see {cache / 'index.csv'}")
+    return load_samples(cache, rows, roi.size, hp["hu_window"], mask_channel=hp.get("in_channels", 1) == 2), cache
+
+
+def run_predictions(
+    run: str | Path,
+    cohort: str | Path | None = None,
+    predicted_masks: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """{"val": records, "test": records, "external": center or cohort, "cache": Path, "tasks": the
+    models, "dataset": the external samples}: validation records of every fold (out of fold) and the
+    external records scored by the (fold-mean) model."""
+    from ovcf.data.datamodule import CohortDataModule
+
+    val, test_probs, test_rows, test_labels, external, cache, tasks = [], [], None, None, None, None, []
+    for fold, ckpt in run_members(Path(run)):
+        task, hp = load_classifier(ckpt, device)
+        tasks.append(task)
+        hp = {k: v for k, v in hp.items() if k != "augment"} | {"progress": progress, "num_workers": 0}
+        dm = CohortDataModule(**hp)
+        dm.setup("fit")
+        fold_name = fold if fold is not None else str(hp.get("fold", 0))
+        ds = dm.datasets["val"]
+        val += _records(ds.rows, ds.labels.int(), predict(task, ds, batch_size), "val", fold_name)
+        if cohort is None:
+            ds, external, cache = dm.datasets["test"], dm.centers["external"], dm.cache
+        else:
+            if test_rows is None:  # ingest the new cohort once
+                ext_ds, cache = external_dataset(hp, Path(cohort), predicted_masks, workers, progress)
+            ds, external = ext_ds, str(cohort)
+        probs = predict(task, ds, batch_size)
+        if test_rows is None:
+            test_rows, test_labels, test_ds = ds.rows, ds.labels.int(), ds
+        elif [r["row"] for r in ds.rows] != [r["row"] for r in test_rows]:
+            raise ConfigError(f"the fold models of {run} see different external rows: were they trained on the same cohort?")
+        test_probs.append(probs)
+    fold = "ensemble" if len(test_probs) > 1 else val[0]["fold"] if val else "0"
+    mean = torch.stack(test_probs).mean(0)
+    test = _records(test_rows, test_labels, mean, "test", fold)
+    if len(test_probs) > 1:
+        for record, per_fold in zip(test, torch.stack(test_probs, 1).tolist()):
+            record.update({f"fold_{k}": p for k, p in enumerate(per_fold)})
+    return {"val": val, "test": test, "external": external, "cache": cache, "tasks": tasks, "dataset": test_ds}
+
+
+def arrays(records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, probabilities and patients of prediction records."""
+    return (
+        np.array([r["label"] for r in records], dtype=int),
+        np.array([r["probability"] for r in records], dtype=float),
+        np.array([r["pseudonym"] for r in records]),
+    )

@@ -116,11 +116,10 @@ def metrics_markdown(report: dict) -> str:
         )
     if report["comparisons"]:
         lines += ["", f"Paired DeLong test against {report['best']} (same external rows):", ""]
-        lines += ["| model | AUC | best's AUC | difference | z | p |", "|---|---|---|---|---|---|"]
+        lines += ["| model | AUC | best's AUC | best minus model | z | p |", "|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
-            lines.append(
-                f"| {c['model']} | {c['auc_a']:.3f} | {c['auc_b']:.3f} | {-c['difference']:+.3f} | {-c['z']:.2f} | {c['p']:.4f} |"
-            )
+            cells = [c["model"], f"{c['auc_a']:.3f}", f"{c['auc_b']:.3f}", f"{-c['difference']:+.3f}", f"{-c['z']:.2f}"]
+            lines.append("| " + " | ".join([*cells, M.p_value(c["p"])]) + " |")
     p = report["precision"]
     lines += [
         "",

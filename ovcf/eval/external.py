@@ -250,8 +250,8 @@ def log_wandb(out: Path, report: dict, scored: dict[str, list[dict]], mode: str)
     for label, m in report["models"].items():
         y, p, _ = arrays(scored[label])
         ids = [f"{r['pseudonym']}:{r['level']}" for r in scored[label]]
-        media |= wandb_media.case_media(f"external/{label}", ids, y, p, m["threshold"]["value"])
-        media |= wandb_media.images(f"external/{label}", sorted((out / "gradcam" / slug(label)).glob("*.png")))
+        media |= wandb_media.case_media(f"external/{slug(label)}", ids, y, p, m["threshold"]["value"])
+        media |= wandb_media.images(f"external/{slug(label)}", sorted((out / "gradcam" / slug(label)).glob("*.png")))
     run.log(media)
-    run.summary.update({f"external/{label}/auc": m["test"]["auc"]["value"] for label, m in report["models"].items()})
+    run.summary.update({f"external/{slug(label)}/auc": m["test"]["auc"]["value"] for label, m in report["models"].items()})
     run.finish()

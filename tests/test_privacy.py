@@ -110,7 +110,7 @@ def test_no_phi_in_anything_the_pipeline_writes(tiny_cohort, tmp_path):
     run = next((written / "logs").rglob("results.json")).parent
     evaluate = run_cli(
         "ovcf.evaluate",
-        [f"run={run}", f"out={written / 'evaluation'}", "threshold.rule=fixed", "progress=false", *common],
+        [f"run={run}", f"out={written / 'evaluation'}", "threshold.rule=fixed", "gradcam_cases=1", "progress=false", *common],
         env,
         tmp_path,
     )

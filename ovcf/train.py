@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.cli import check_overrides, config_dir, guarded
 from ovcf.errors import ConfigError
+from ovcf.eval.predictions import write_predictions
 
 
 def _strip(metrics: dict, prefix: str) -> dict:
@@ -122,13 +123,6 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
 
         wandb.finish()  # a multirun (or a CV run) starts a new W&B run per model
     return results
-
-
-def write_predictions(path: Path, predictions: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(predictions[0]) if predictions else ["id", "label", "probability"])
-        writer.writeheader()
-        writer.writerows(predictions)
 
 
 def cross_validate(cfg: DictConfig, folds: int) -> dict:

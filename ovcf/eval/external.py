@@ -8,16 +8,15 @@ compared with it by the paired DeLong test on the same external rows.
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ovcf.errors import ConfigError
 from ovcf.eval import metrics as M
-from ovcf.eval.predictions import COLUMNS, arrays
+from ovcf.eval.figures import slug
+from ovcf.eval.predictions import COLUMNS, arrays, write_predictions
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,6 @@ def find_runs(path: Path) -> list[tuple[str, Path, dict]]:
     return found
 
 
-def slug(label: str) -> str:
-    """A file-name-safe form of a model label."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
-
-
-def _ci(m: dict, pct: bool = False) -> str:
-    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    return f"{f(m['value'])} ({f(m['low'])}-{f(m['high'])})"
-
-
 def metrics_markdown(report: dict) -> str:
     """The results table (external test at the frozen threshold) and the paired comparisons."""
     lines = [
@@ -110,8 +99,8 @@ def metrics_markdown(report: dict) -> str:
     for label, m in report["models"].items():
         t = m["test"]
         lines.append(
-            f"| {'*' if label == report['best'] else ''} | {label} | {t['n']} ({t['n_acute']}) | {_ci(t['auc'])} | "
-            + " | ".join(_ci(t[name], pct=True) for name in M.RATES)
+            f"| {'*' if label == report['best'] else ''} | {label} | {t['n']} ({t['n_acute']}) | {M.ci_text(t['auc'])} | "
+            + " | ".join(M.ci_text(t[name], pct=True) for name in M.RATES)
             + f" | {m['threshold']['value']:.3f} | {t['brier']:.3f} |"
         )
     if report["comparisons"]:
@@ -129,14 +118,6 @@ def metrics_markdown(report: dict) -> str:
         f"{p['specificity_half_width']:.3f} for the best model.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_predictions(path: Path, records: list[dict]) -> None:
-    columns = list(dict.fromkeys(["model", *COLUMNS, *(k for r in records for k in r)]))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(records)
 
 
 def evaluate(
@@ -211,7 +192,7 @@ def evaluate(
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "metrics.md").write_text(metrics_markdown(report))
-    write_predictions(out / "predictions.csv", records)
+    write_predictions(out / "predictions.csv", records, ["model", *COLUMNS])
 
     curves = []
     for label, m in models.items():

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 DPI = 300
+
+
+def slug(label: str) -> str:
+    """A file-name-safe form of a model label (figures and galleries are named after models)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
 def pyplot():

@@ -79,6 +79,14 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     return {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "difference": diff, "z": float(z), "p": p}
 
 
+def ci_text(m: dict, pct: bool = False, dash: str = "-") -> str:
+    """`value (low-high)` of a metric entry, as a proportion (3 decimals) or in % (1 decimal); n/a for NaN."""
+    if m["value"] != m["value"]:  # NaN: no row of that kind
+        return "n/a"
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(m['value'])} ({f(m['low'])}{dash}{f(m['high'])})"
+
+
 def p_value(p: float) -> str:
     """A p-value as papers print it: 4 decimals, or < 0.0001."""
     return "< 0.0001" if p < 1e-4 else f"{p:.4f}"

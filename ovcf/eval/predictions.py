@@ -8,6 +8,7 @@ center only; the external rows are scored by every model and averaged (the fold 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -144,6 +145,15 @@ def run_predictions(
         for record, per_fold in zip(test, torch.stack(test_probs, 1).tolist()):
             record.update({f"fold_{k}": p for k, p in enumerate(per_fold)})
     return {"val": val, "test": test, "external": external, "cache": cache, "tasks": tasks, "dataset": test_ds}
+
+
+def write_predictions(path: Path, records: list[dict], first: list[str] | None = None) -> None:
+    """Prediction records as CSV: the `first` columns, then every other key in order of appearance."""
+    columns = list(dict.fromkeys([*(first or ["id", "label", "probability"]), *(k for r in records for k in r)]))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(records)
 
 
 def arrays(records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

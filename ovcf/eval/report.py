@@ -16,7 +16,8 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-from ovcf.eval.metrics import RATES, p_value
+from ovcf.eval.figures import slug
+from ovcf.eval.metrics import RATES, ci_text, p_value
 
 SECTIONS = ("cohort", "segmentation", "classification", "roc", "confusion", "calibration", "gradcam", "precision", "methods")
 PACKAGES = ("ovcf", "torch", "lightning", "monai", "timm", "torchio", "torchmetrics", "scikit-learn", "scipy", "numpy", "pydicom")
@@ -39,10 +40,7 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _ci(m: dict, pct: bool = False) -> str:
-    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    if m["value"] != m["value"]:  # NaN: no row of that kind
-        return "n/a"
-    return f"{f(m['value'])} ({f(m['low'])}&ndash;{f(m['high'])})"
+    return ci_text(m, pct, "&ndash;")
 
 
 def _table(header: list[str], rows: list[list[str]], best: int | None = None) -> str:
@@ -123,19 +121,13 @@ def _gradcam(out: Path, report: dict) -> str:
         "embedding; the slice Transformer: its slice encoder.</p>"
     ]
     for label in report["models"]:
-        pngs = sorted((out / "gradcam").glob(f"{_slug(label)}/gradcam_*.png"))
+        pngs = sorted((out / "gradcam").glob(f"{slug(label)}/gradcam_*.png"))
         if not pngs:
             continue
         figs = "".join(_img(p, f"{label} {p.stem}") for p in pngs)
         block = f"<h3>{html.escape(label)}</h3><div class=grid>{figs}</div>"
         parts.append(block if label == report["best"] else f"<details><summary>{html.escape(label)}</summary>{block}</details>")
     return "".join(parts)
-
-
-def _slug(label: str) -> str:
-    from ovcf.eval.external import slug
-
-    return slug(label)
 
 
 def _methods(report: dict, study: dict) -> str:

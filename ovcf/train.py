@@ -70,8 +70,52 @@ def train(cfg: DictConfig) -> float:
     return results["val"][cfg.optimized_metric.removeprefix("val/")]
 
 
+def _data_hash(datamodule) -> str | None:
+    """Ingest's fingerprint of the cohort files and settings the run read (None: no cache stamp)."""
+    stamp = Path(datamodule.cache) / "fingerprint.json"
+    return json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+
+
+def finished(cfg: DictConfig, out: Path) -> dict | None:
+    """With `resume=true`, the results of a run that already ended in `out` (it is not trained again)."""
+    path = out / "results.json"
+    if not cfg.get("resume") or not path.is_file():
+        return None
+    print(f"Finished before: {path} (resume=true skips it)")
+    return json.loads(path.read_text())
+
+
+def resume_from(cfg: DictConfig, out: Path) -> str | None:
+    """`ckpt_path` if given; with `resume=true`, the run's own `last.ckpt` when an earlier attempt left one."""
+    if cfg.get("ckpt_path") or not cfg.get("resume"):
+        return cfg.get("ckpt_path")
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"Resuming from {last}")
+        return str(last)
+    return None
+
+
+def evaluation_trainer(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
+    """After a distributed fit, process 0 validates and tests on one device and the others stop:
+    val and test sets are not sharded, so each process would score them whole and wait on the rest."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # strategy=ddp: every process ran the fit itself
+    if trainer.global_rank != 0:
+        raise SystemExit(0)
+    loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values()]  # the fit's files stay as they are
+    return hydra.utils.instantiate(
+        cfg.trainer, devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False, callbacks=[], logger=loggers
+    )
+
+
 def fit_and_test(cfg: DictConfig, out: Path) -> dict:
     """One model: fit, validate and test with the best checkpoint; writes results.json (and predictions) into `out`."""
+    done = finished(cfg, out)
+    if done is not None:
+        return done
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
@@ -90,11 +134,13 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
 
         fit_model = torch.compile(model)  # Lightning saves the plain module's weights
     start = time.time()
-    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=resume_from(cfg, out))
     fit_seconds = time.time() - start
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    if trainer.world_size > 1:
+        trainer = evaluation_trainer(cfg, trainer)
     val = trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
@@ -108,6 +154,7 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
         "n": {name: len(getattr(ds, "volumes", ds)) for name, ds in datamodule.datasets.items()},  # samples or scans
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
         "seed": cfg.seed,
+        "data_hash": _data_hash(datamodule),
         "fit_seconds": round(fit_seconds, 1),
         "params": sum(p.numel() for p in model.parameters()),
     }
@@ -139,6 +186,9 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
     from ovcf.tasks.classification import binary_metrics
 
     out = Path(cfg.paths.output_dir)
+    done = finished(cfg, out)
+    if done is not None:
+        return done
     runs = []
     for k in range(folds):
         fold_cfg = cfg.copy()
@@ -160,7 +210,7 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
     test = {name: float(value) for name, value in metrics.compute().items()}
     vals = {key: [r["val"][key] for r in runs] for key in runs[0]["val"]}
     results = {
-        **{key: runs[0][key] for key in ("task", "model", "overrides", "centers", "seed", "params")},
+        **{key: runs[0][key] for key in ("task", "model", "overrides", "centers", "seed", "data_hash", "params")},
         "val": {key: float(np.mean(v)) for key, v in vals.items()},
         "val_sd": {key: float(np.std(v, ddof=1)) for key, v in vals.items()},
         "test": test,

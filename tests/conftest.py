@@ -54,23 +54,105 @@ def cli_env(tmp_path_factory) -> dict:
     }
 
 
+# Identifiers planted in every file of `phi_cohort`: nothing the pipeline writes may contain them.
+SECRETS = {
+    "name": "ZYXWVUTPHI",
+    "given name": "QWERTYPHI",
+    "birth date": "19230405",
+    "birth date (ISO)": "1923-04-05",
+    "accession": "ACCPHI99117",
+    "institution": "PHIVILLE XQ HOSPITAL",
+    "physician": "DRPHIDOCTOR",
+    "address": "12 PHILANE",
+}
+
+
+def plant_phi(src: Path, dst: Path) -> dict[str, str]:
+    """Copies a cohort with distinctive identifiers in the CSV, every DICOM header and the file and
+    folder names; returns the planted values by what they are (patient IDs included)."""
+    import csv
+    import shutil
+
+    import pydicom
+
+    shutil.copytree(src, dst)
+    with open(dst / "clinical.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = {old: f"MRNPHI{7731 + i}" for i, old in enumerate(dict.fromkeys(r["patient_id"] for r in rows))}
+    for r in rows:
+        r["patient_id"] = ids[r["patient_id"]]
+        r["patient_name"] = f"{SECRETS['name']}^{SECRETS['given name']}"
+        r["birth_date"] = SECRETS["birth date (ISO)"]
+    with open(dst / "clinical.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for old, new in ids.items():
+        os.replace(dst / "masks" / f"{old}.nii.gz", dst / "masks" / f"{new}.nii.gz")
+    for folder in sorted(p for p in (dst / "dicom").iterdir() if p.is_dir()):
+        new_id = None
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            ds = pydicom.dcmread(path)
+            new_id = ids[str(ds.PatientID)]
+            ds.PatientID = new_id
+            ds.PatientName = f"{SECRETS['name']}^{SECRETS['given name']}"
+            ds.PatientBirthDate = SECRETS["birth date"]
+            ds.AccessionNumber = SECRETS["accession"]
+            ds.InstitutionName = SECRETS["institution"]
+            ds.ReferringPhysicianName = ds.PerformingPhysicianName = SECRETS["physician"]
+            ds.PatientAddress = SECRETS["address"]
+            ds.save_as(path)
+        os.replace(folder, folder.parent / f"{new_id}_{SECRETS['name']}")  # PACS folders named after the patient
+    return {**SECRETS, **{f"patient ID {i}": new for i, new in enumerate(ids.values())}}
+
+
 @pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory, cli_env, tiny_cohort) -> Path:
-    """A two-model smoke multirun on the tiny cohort (DenseNet-121 in 2.5D and 3D); trained once per session."""
-    root = tmp_path_factory.mktemp("tiny_sweep")
-    sweep = root / "sweep"
-    args = [
-        "-m",
-        "model=densenet121,densenet121_3d",
+def phi_cohort(tmp_path_factory, tiny_cohort) -> tuple[Path, dict]:
+    """The tiny cohort with PHI planted everywhere (see `plant_phi`), and the planted values."""
+    cohort = tmp_path_factory.mktemp("phi") / "export"
+    return cohort, plant_phi(tiny_cohort, cohort)
+
+
+STUDY_MODELS = {"segmenters": ["unet", "unetr_pp"], "classifiers": ["densenet121", "densenet121_3d"]}
+
+
+def study_args(cohort: Path, out: Path) -> list[str]:
+    """`ovcf.study` at smoke settings on `cohort`: two segmenters, two classifiers (3 epochs, so a run
+    can be cut off mid-way), W&B offline for the classifiers, the external report with Grad-CAM.
+
+    The classifiers read the cohort's own masks (`data.roi_source=given`): a segmenter trained for
+    one epoch on two scans cannot count levels, and ROIs from its masks would exclude every row.
+    The predicted-mask path is tested in test_segment.py."""
+    return [
         "debug=smoke",
-        f"data.cohort={tiny_cohort}",
-        "data.val_fraction=0.5",
-        "data.roi_size=32",
-        f"hydra.sweep.dir={sweep}",
+        f"out={out}",
+        f"study.segmenters=[{','.join(STUDY_MODELS['segmenters'])}]",
+        f"study.classifiers=[{','.join(STUDY_MODELS['classifiers'])}]",
+        f'overrides=["data.cohort={cohort}","data.val_fraction=0.5","data.progress=false"]',
+        'segmentation_overrides=["model.patch_size=[32,32,32]"]',
+        'classification_overrides=["data.roi_source=given","data.roi_size=32","trainer.max_epochs=3","logger=wandb"]',
+        'evaluate_overrides=["threshold.rule=fixed","gradcam_cases=1","progress=false"]',
     ]
-    proc = run_cli("ovcf.train", args, cli_env, root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return sweep
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory, cli_env, phi_cohort):
+    """The whole study (`python -m ovcf.study`) on the PHI-planted tiny cohort, run once per session:
+    the segmenter sweep, predicted masks, the classifier sweep, the external report and the system.
+    Tests of each stage read its folder; the privacy test searches all of it."""
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("study")
+    env = {**cli_env, "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb")}
+    proc = run_cli("ovcf.study", study_args(phi_cohort[0], root / "study"), env, root, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return SimpleNamespace(folder=root / "study", root=root, env=env, output=proc.stdout + proc.stderr, secrets=phi_cohort[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(smoke_study) -> Path:
+    """The study's classifier sweep: DenseNet-121 in 2.5D (run 0) and 3D (run 1), smoke settings."""
+    return smoke_study.folder / "classification"
 
 
 def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -63,24 +63,13 @@ def _test_rows(path, model):
 
 
 @pytest.fixture(scope="module")
-def evaluated_sweep(tiny_sweep, cli_env, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("evaluate")
-    out = tmp / "eval"
-    args = [
-        f"run={tiny_sweep}",
-        f"out={out}",
-        "threshold.rule=fixed",
-        "gradcam_cases=1",
-        "progress=false",
-        f"hydra.run.dir={tmp / 'h'}",
-    ]
-    proc = run_cli("ovcf.evaluate", args, cli_env, tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Report:" in proc.stdout
-    return out
+def evaluated_sweep(smoke_study) -> Path:
+    """`ovcf.evaluate` of the study's classifier sweep (fixed threshold, one Grad-CAM case per outcome)."""
+    assert "Report:" in smoke_study.output
+    return smoke_study.folder / "evaluation"
 
 
-def test_evaluate_a_sweep(evaluated_sweep, tiny_sweep, cli_env, tmp_path, tiny_cohort):
+def test_evaluate_a_sweep(evaluated_sweep, tiny_sweep, smoke_study, phi_cohort, tmp_path):
     out = evaluated_sweep
     report = json.loads((out / "metrics.json").read_text())
     board = list(csv.DictReader(open(tiny_sweep / "leaderboard.csv")))
@@ -103,19 +92,21 @@ def test_evaluate_a_sweep(evaluated_sweep, tiny_sweep, cli_env, tmp_path, tiny_c
     assert "AUC (95% CI)" in (out / "metrics.md").read_text()
 
     # Another cohort: every included row is a test row, scored with the run's ingest and ROI.
+    cohort = phi_cohort[0]
     args = [
         f"run={tiny_sweep / '0'}",
-        f"cohort={tiny_cohort}",
+        f"cohort={cohort}",
         f"out={tmp_path / 'other'}",
         "threshold.rule=fixed",
         "gradcam_cases=0",
     ]
-    proc = run_cli("ovcf.evaluate", [*args, "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"], cli_env, tmp_path)
+    env = {**smoke_study.env, "WANDB_MODE": "disabled"}
+    proc = run_cli("ovcf.evaluate", [*args, "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in csv.DictReader(open(tmp_path / "other" / "predictions.csv")) if r["set"] == "test"]
-    clinical = list(csv.DictReader(open(tiny_cohort / "clinical.csv")))
+    clinical = list(csv.DictReader(open(cohort / "clinical.csv")))
     assert len(rows) == len(clinical)  # the tiny cohort plants no exclusion: both centers, every row
-    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["external"] == str(tiny_cohort)
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["external"] == str(cohort)
 
 
 def test_evaluate_errors_name_the_problem(cli_env, tmp_path):

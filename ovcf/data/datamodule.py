@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ovcf.contract import CLINICAL_CSV, LABELS
 from ovcf.data.clinical import read_centers
 from ovcf.data.ingest import IngestChecks, RoiSpec, check_cohort, ingest, read_index
+from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
 from ovcf.data.splits import cohort_splits, write_splits
 from ovcf.errors import ConfigError
 
@@ -38,6 +39,48 @@ def build_augment(spec: dict | None):
     return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
 
 
+# How `augment_strength` reaches each transform's magnitudes: "linear" multiplies the range,
+# "around_one" scales the distance from 1 (affine scale factors), "above_one" the part above 1 (anisotropy).
+STRENGTH_SCALED = {
+    "RandomAffine": {"scales": "around_one", "degrees": "linear", "translation": "linear"},
+    "RandomGamma": {"log_gamma": "linear"},
+    "RandomBlur": {"std": "linear"},
+    "RandomBiasField": {"coefficients": "linear"},
+    "RandomNoise": {"std": "linear"},
+    "RandomAnisotropy": {"downsampling": "above_one"},
+}
+
+
+def scale_augment(spec: dict | None, strength: float) -> dict | None:
+    """`spec` with its transforms' magnitudes multiplied by `strength`, so one number can be searched.
+
+    0 turns augmentation off (flips included), 1 keeps `spec`; flips and transforms not in
+    `STRENGTH_SCALED` are kept as they are. A scalar `RandomAffine.scales` is a deviation from 1, a
+    pair is a range of factors (torchio's convention), hence the two rules.
+    """
+    strength = float(strength)
+    if strength < 0:
+        raise ConfigError(f"data.augment_strength={strength}: use 0 (off), 1 (as configured) or another factor >= 0")
+    if not spec or strength == 0:
+        return None
+    scaled = {}
+    for name, kwargs in spec.items():
+        kwargs = dict(kwargs or {})
+        for key, rule in STRENGTH_SCALED.get(name, {}).items():
+            if key not in kwargs:
+                continue
+            value = kwargs[key]
+            if rule == "around_one" and isinstance(value, (list, tuple)):
+                rule = "above_one"  # explicit factors: scale their distance from 1
+            shift = 1.0 if rule == "above_one" else 0.0
+            if isinstance(value, (list, tuple)):
+                kwargs[key] = [shift + (v - shift) * strength for v in value]
+            else:
+                kwargs[key] = shift + (value - shift) * strength
+        scaled[name] = kwargs
+    return scaled
+
+
 def window_hu(image: np.ndarray, hu_window) -> torch.Tensor:
     """HU mapped to [0, 1] over `hu_window` (clipped), float32: what every network here is fed."""
     lo, hi = hu_window
@@ -48,9 +91,16 @@ class VertebraDataset(Dataset):
     """In-memory ROIs of fractured vertebrae with their label and clinical features."""
 
     def __init__(
-        self, rows: list[dict], images: np.ndarray, masks: np.ndarray, hu_window, transform=None, mask_channel: bool = False
+        self,
+        rows: list[dict],
+        images: np.ndarray,
+        masks: np.ndarray,
+        hu_window,
+        transform=None,
+        mask_channel: bool = False,
+        seed: int = 0,
     ):
-        self.rows, self.transform, self.mask_channel = rows, transform, mask_channel
+        self.rows, self.transform, self.mask_channel, self.seed = rows, transform, mask_channel, int(seed)
         self.images = window_hu(images, hu_window).unsqueeze(1)
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
@@ -59,7 +109,8 @@ class VertebraDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        i, epoch = split_index(item)
         r = self.rows[i]
         image, mask = self.images[i], self.masks[i]
         if self.transform is not None:
@@ -67,7 +118,12 @@ class VertebraDataset(Dataset):
 
             # Clones: a view would drag the whole dataset's storage through torchio's copies.
             subject = tio.Subject(image=tio.ScalarImage(tensor=image.clone()), mask=tio.LabelMap(tensor=mask.clone()))
-            subject = self.transform(subject)
+            if epoch is None:
+                subject = self.transform(subject)
+            else:  # the EpochSampler's key: this sample's augmentation depends on nothing else
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    subject = self.transform(subject)
             image, mask = subject["image"].data.float(), subject["mask"].data
         if self.mask_channel:
             image = torch.cat([image, mask.to(image.dtype)])
@@ -81,7 +137,7 @@ class VertebraDataset(Dataset):
 
 
 def load_samples(
-    cache: Path, rows: list[dict], roi_size: int, hu_window, transform=None, mask_channel: bool = False
+    cache: Path, rows: list[dict], roi_size: int, hu_window, transform=None, mask_channel: bool = False, seed: int = 0
 ) -> VertebraDataset:
     """The cached ROI and body mask of each index row (`samples/<pseudonym>.npz`), as a dataset."""
     images, masks, arrays = [], [], {}
@@ -99,6 +155,7 @@ def load_samples(
         hu_window,
         transform,
         mask_channel,
+        seed,
     )
 
 
@@ -163,6 +220,8 @@ class CohortDataModule(L.LightningDataModule):
         sampler: "balanced" draws training samples with weights that equalise acute and chronic;
             None shuffles (class imbalance can also be handled by `model.pos_weight=auto`).
         augment: torchio transforms for training samples, `{TransformName: kwargs}`.
+        augment_strength: factor on their magnitudes (0: no augmentation; see `scale_augment`), one
+            number for a hyper-parameter search.
         ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
     """
 
@@ -187,6 +246,7 @@ class CohortDataModule(L.LightningDataModule):
         in_channels: int = 1,
         sampler: str | None = None,
         augment: dict | None = None,
+        augment_strength: float = 1.0,
         ingest: dict | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -221,7 +281,7 @@ class CohortDataModule(L.LightningDataModule):
             raise ConfigError(f"data.in_channels={in_channels}: use 1 (CT) or 2 (CT and the body mask)")
         if sampler not in (None, "balanced"):
             raise ConfigError(f"data.sampler={sampler!r}: use null (shuffle) or balanced")
-        self.augment = build_augment(augment)
+        self.augment = build_augment(scale_augment(augment, augment_strength))
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
         if cohort is not None:
@@ -306,28 +366,40 @@ class CohortDataModule(L.LightningDataModule):
 
     def _dataset(self, rows: list[dict], transform=None) -> VertebraDataset:
         hp = self.hparams
-        return load_samples(self.cache, rows, self.roi.size, hp.hu_window, transform, hp.in_channels == 2)
+        return load_samples(self.cache, rows, self.roi.size, hp.hu_window, transform, hp.in_channels == 2, hp.seed)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        """Training draws from an `EpochSampler` (order and augmentation fixed by seed and epoch), with
+        `batch_size` the global batch: each of a DDP group's processes loads its share."""
         hp = self.hparams
-        gen = torch.Generator().manual_seed(hp.seed)
-        sampler = None
-        if shuffle and hp.sampler == "balanced":
-            labels = self.datasets[name].labels
-            counts = torch.stack([(labels == 0).sum(), (labels == 1).sum()]).clamp(min=1).float()
-            weights = (1.0 / counts)[labels.long()]
-            sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
+        dataset, sampler, batch_size = self.datasets[name], None, hp.batch_size
+        if shuffle:
+            weights = None
+            if hp.sampler == "balanced":
+                labels = dataset.labels
+                counts = torch.stack([(labels == 0).sum(), (labels == 1).sum()]).clamp(min=1).float()
+                weights = (1.0 / counts)[labels.long()]
+            sampler = EpochSampler(len(dataset), hp.seed, hp.batch_size, weights)
+            batch_size = self._device_batch()
         return DataLoader(
-            self.datasets[name],
-            batch_size=hp.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,  # training: whole global batches only (no one-sample batch to break batch norm)
             num_workers=hp.num_workers,
-            generator=gen if shuffle and sampler is None else None,
-            # a last training batch of a single sample breaks batch norm: drop it
-            drop_last=shuffle and len(self.datasets[name]) % hp.batch_size == 1,
             persistent_workers=hp.num_workers > 0,
         )
+
+    def _device_batch(self) -> int:
+        """`batch_size` split over a DDP group; refuses Lightning's own sharding on top of the sampler's."""
+        size = world()[1]
+        if size == 1:
+            return self.hparams.batch_size
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False):
+            raise ConfigError("distributed training needs trainer.use_distributed_sampler=false (trainer=ddp sets it)")
+        if self.hparams.batch_size % size:
+            raise ConfigError(f"data.batch_size={self.hparams.batch_size} does not split over {size} processes")
+        return self.hparams.batch_size // size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from ovcf.contract import LEVEL_IDS
 from ovcf.data.datamodule import CohortDataModule, window_hu
 from ovcf.data.instances import region_target
+from ovcf.data.sampling import split_index
 from ovcf.errors import ConfigError
 
 
@@ -58,18 +59,16 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: VolumeDataset, patch_size, samples_per_volume: int, foreground: float, seed: int):
         self.volumes, self.patch = volumes, np.array(patch_size, int)
-        self.samples, self.foreground, self.seed, self.epoch = samples_per_volume, foreground, seed, 0
+        self.samples, self.foreground, self.seed = samples_per_volume, foreground, seed
         self.bodies = [torch.nonzero(item["label"][0]).numpy() for item in volumes.items]
 
     def __len__(self) -> int:
         return len(self.volumes) * self.samples
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        i, epoch = split_index(item)  # the EpochSampler's (index, epoch); a plain index is epoch 0
         v = i // self.samples
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch or 0, i])
         image, labels = self.volumes.items[v]["image"], self.volumes.items[v]["label"]
         shape = np.array(image.shape[1:])
         bodies = self.bodies[v]

@@ -268,6 +268,8 @@ def vit_3d(
     )  # fmt: skip
     if conv_stem:
         net.patch_embedding.patch_embeddings = make_conv_stem(spatial_dims, in_channels, hidden_size, patch_size, width=16)
+    for block in net.blocks:  # MONAI builds a cross-attention norm it never uses: DDP would wait for its gradient
+        getattr(block, "norm_cross_attn", nn.Identity()).requires_grad_(False)
     if path is not None:
         load_matching(net, path)
     return ViT3d(net, hidden_size)

@@ -9,6 +9,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryRecall, BinarySpecificity
 
+from ovcf.data.sampling import seed_epoch
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
 
@@ -97,6 +98,9 @@ class ClassificationTask(L.LightningModule):
             labels = self.trainer.datamodule.datasets["train"].labels
             acute = float(labels.sum())
             self.pos_weight = torch.tensor((len(labels) - acute) / max(acute, 1.0))
+
+    def on_train_epoch_start(self) -> None:
+        seed_epoch(self.current_epoch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.logits(batch), batch["label"])

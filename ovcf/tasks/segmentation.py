@@ -21,6 +21,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.instances import REGIONS, Assignment, assign_levels
 from ovcf.data.levels import encode_verse, level_classes
+from ovcf.data.sampling import seed_epoch
 from ovcf.errors import ConfigError
 from ovcf.models import create_model
 from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
@@ -197,11 +198,7 @@ class SegmentationTask(L.LightningModule):
         return label
 
     def on_train_epoch_start(self) -> None:
-        """New random patches each epoch, reproducibly (a patch dataset seeds by epoch and index)."""
-        loader = self.trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
+        seed_epoch(self.current_epoch)  # patches come from the EpochSampler's (index, epoch) keys
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(total, region part) of the training loss of a batch of patches: body Dice + CE plus the slab classifier's CE."""

@@ -1,0 +1,202 @@
+"""`python -m ovcf.study`: the whole study in one command, resumable.
+
+Stages, in order, each one a command a user could type (and the study prints it):
+1. `segmentation`: `ovcf.train -m task=segmentation model=<study.segmenters>`, leaderboard by val Dice;
+2. `masks`: `ovcf.segment` with the best segmenter's best checkpoint, on every patient;
+3. `classification`: `ovcf.train -m model=<study.classifiers>` on ROIs cut from those predicted masks,
+   leaderboard by val AUROC;
+4. `evaluation`: `ovcf.evaluate` of every classifier on the external center (`report.html`);
+5. `system`: the chosen segmenter, classifier and frozen threshold exported for `ovcf.predict`.
+
+Choices read validation metrics only. Everything lands in one folder, `logs/study/<name>`, with a
+`study.json` manifest (config, versions, seeds, data hash, chosen models, stage times). Re-running
+the same command skips finished stages; in an interrupted stage, runs that finished are kept and
+the one cut off continues from its `last.ckpt` (`resume=true`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.errors import ConfigError, OvcfError
+
+STAGES = ("segmentation", "masks", "classification", "evaluation", "system")
+SETTINGS = ("seed", "overrides", "segmentation_overrides", "classification_overrides")  # with the model lists
+
+
+class StageError(OvcfError):
+    """A stage's command failed: what was done stays, the same command resumes."""
+
+
+def _listing(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, debug: str | None = None) -> dict[str, list[str]]:
+    """The argument lists of the stages that run as commands (a stage needing an earlier choice gets it
+    here); `debug` is the debug/ option passed to the training and segment stages."""
+    shared = [f"seed={cfg.seed}", *([f"debug={debug}"] if debug else []), *cfg.overrides]
+    launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides] if cfg.launcher else []
+    masks = folder / "masks"
+    return {
+        "segmentation": [
+            "ovcf.train", "-m", "task=segmentation", f"model={_listing(cfg.study.segmenters)}", "resume=true",
+            f"hydra.sweep.dir={folder / 'segmentation'}", *launcher, *shared, *cfg.segmentation_overrides,
+        ],
+        "masks": [
+            "ovcf.segment", f"ckpt={segmenter_ckpt}", f"out={masks}", f"hydra.run.dir={masks}", *shared,
+        ],
+        "classification": [
+            "ovcf.train", "-m", "task=classification", f"model={_listing(cfg.study.classifiers)}", "resume=true",
+            "data.roi_source=predicted", f"data.predicted_masks={masks}",
+            f"hydra.sweep.dir={folder / 'classification'}", *launcher, *shared, *cfg.classification_overrides,
+        ],
+        "evaluation": [
+            "ovcf.evaluate", f"run={folder / 'classification'}", f"segmentation={folder / 'segmentation'}",
+            f"out={folder / 'evaluation'}", f"hydra.run.dir={folder / 'evaluation'}", *cfg.evaluate_overrides,
+        ],
+    }  # fmt: skip
+
+
+def debug_choice() -> str | None:
+    """The `debug=` option this study was started with (a config group, so not a plain key)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("debug")
+
+
+def best_run(sweep: Path, metric: str) -> tuple[Path, dict]:
+    """The run of a sweep folder with the best validation `metric`, and its results."""
+    from ovcf.leaderboard import collect, rows
+
+    runs = collect(sweep)
+    table = rows(runs, metric)
+    if not table or not table[0]["best"]:
+        raise StageError(f"{sweep} holds no finished run with a validation {metric}: see the run logs there")
+    results = next(r for r in runs if r["run"] == table[0]["run"])
+    return sweep / results["run"], results
+
+
+def run_command(argv: list[str], log: Path) -> None:
+    """Runs `python -m <argv>`, echoing its output to the console and to `log`."""
+    print("$ python -m " + " ".join(argv), flush=True)
+    with open(log, "a") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            fh.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise StageError(f"{argv[0]} failed (exit {code}); its output is in {log}. Fix it and re-run the same study command")
+
+
+class Manifest:
+    """`study.json`: what the study was asked to do, what each stage did, and what it chose."""
+
+    def __init__(self, folder: Path, cfg: DictConfig):
+        self.path = folder / "study.json"
+        settings = OmegaConf.to_container(cfg.study, resolve=True) | {
+            k: OmegaConf.to_container(cfg, resolve=True)[k] for k in SETTINGS
+        }
+        settings["debug"] = debug_choice()
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            if self.data.get("settings") != settings:
+                changed = sorted(k for k in settings if self.data.get("settings", {}).get(k) != settings[k])
+                raise ConfigError(
+                    f"{folder} holds a study run with other settings ({', '.join(changed)}): resume it with the same "
+                    f"command, or start another with name=NEW"
+                )
+        else:
+            self.data = {"settings": settings, "stages": {}, "chosen": {}}
+        self.data["config"] = OmegaConf.to_container(cfg, resolve=True)
+
+    def done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("status") == "done"
+
+    def save(self) -> None:
+        from ovcf.eval.report import versions
+
+        self.data["versions"] = versions()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def study(cfg: DictConfig) -> Path:
+    """Runs the stages that are not done yet; returns the study folder."""
+    folder = Path(cfg.out).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(folder, cfg)
+    manifest.save()
+    print(f"Study folder: {folder}")
+    chosen = manifest.data["chosen"]
+    if cfg.stop_after is not None and cfg.stop_after not in STAGES:
+        raise ConfigError(f"stop_after={cfg.stop_after}: choose one of {', '.join(STAGES)}")
+    stages = STAGES[: STAGES.index(cfg.stop_after) + 1] if cfg.stop_after else STAGES
+    for stage in stages:
+        if manifest.done(stage):
+            print(f"[{stage}] done before, skipped")
+            continue
+        print(f"[{stage}] starting", flush=True)
+        start = time.time()
+        segmenter = Path(chosen["segmenter"]["checkpoint"]) if "segmenter" in chosen else None
+        if stage == "system":
+            from ovcf.export import export_system
+
+            export_system(Path(chosen["classifier"]["run"]), segmenter, folder / "system", folder / "evaluation")
+        else:
+            run_command(commands(cfg, folder, segmenter, debug_choice())[stage], folder / f"{stage}.log")
+        if stage == "segmentation":
+            run, results = best_run(folder / "segmentation", "val/dice")
+            chosen["segmenter"] = {
+                "model": results["model"],
+                "run": str(run),
+                "checkpoint": str(run / results["best_checkpoint"]),
+                "val_dice": results["val"]["dice"],
+            }
+        elif stage == "classification":
+            run, results = best_run(folder / "classification", "val/auroc")
+            chosen["classifier"] = {"model": results["model"], "run": str(run), "val_auroc": results["val"]["auroc"]}
+            chosen["data_hash"] = results.get("data_hash")
+        elif stage == "evaluation":
+            shutil.copy(folder / "evaluation" / "report.html", folder / "report.html")
+            metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
+            best = metrics["models"][metrics["best"]]  # evaluate chooses by validation AUROC too
+            chosen["classifier"]["external"] = {
+                "auc": best["test"]["auc"]["value"],
+                "threshold": best["threshold"]["value"],
+                **{k: best["test"][k]["value"] for k in ("sensitivity", "specificity")},
+            }
+        manifest.data["stages"][stage] = {"status": "done", "seconds": round(time.time() - start, 1)}
+        manifest.save()
+        print(f"[{stage}] done in {time.time() - start:.0f} s", flush=True)
+    if len(stages) < len(STAGES):
+        print(f"Stopped after {cfg.stop_after} (stop_after); the same command without it goes on")
+        return folder
+    seconds = sum(s["seconds"] for s in manifest.data["stages"].values())
+    print(
+        f"Chosen: segmenter {chosen['segmenter']['model']} (val Dice {chosen['segmenter']['val_dice']:.3f}), classifier "
+        f"{chosen['classifier']['model']} (val AUROC {chosen['classifier']['val_auroc']:.3f}); {seconds / 60:.1f} min\n"
+        f"Report: {folder / 'report.html'}\nSystem: {folder / 'system'} (python -m ovcf.predict input=DICOM_DIR output=OUT)"
+    )
+    return folder
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="study")
+def main(cfg: DictConfig) -> None:
+    guarded(study, cfg)
+
+
+if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
+    main()

@@ -1,0 +1,223 @@
+"""The exported system and `ovcf.predict`: export round trip, prediction on DICOM, refusals, privacy.
+
+One module fixture builds the cheapest real system: a smoke-trained U-Net segmenter on the tiny
+cohort next to `tiny_sweep`'s DenseNet-121 (same cache), exported with `export_system`. The models
+are untrained; the plumbing (ingest's validation, ROI, threshold, outputs, privacy) is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import compose_cfg
+
+from ovcf.contract import LEVEL_IDS
+from ovcf.errors import ConfigError
+
+
+# The system under test is the one `python -m ovcf.study` exported (conftest's session fixture
+# `smoke_study`, on the PHI-planted tiny cohort), so this module trains nothing of its own.
+@pytest.fixture(scope="module")
+def system(smoke_study) -> dict:
+    """The study's exported system, the runs it was made from, evaluate's folder and the planted PHI."""
+    chosen = json.loads((smoke_study.folder / "study.json").read_text())["chosen"]
+    return {
+        "folder": smoke_study.folder / "system",
+        "run": Path(chosen["classifier"]["run"]),
+        "seg": Path(chosen["segmenter"]["checkpoint"]),
+        "eval": smoke_study.folder / "evaluation",
+        "secrets": smoke_study.secrets,
+    }
+
+
+@pytest.fixture(scope="module")
+def two_patients(phi_cohort, tmp_path_factory) -> dict[str, Path]:
+    """Two patients of the PHI-planted cohort as one export (folders named after them); every CT series of the
+    second misses three slices in its middle, which ingest rejects as missing_slices. Returns patient ID -> folder."""
+    export = tmp_path_factory.mktemp("two") / "export"
+    found = {}
+    for i, folder in enumerate(sorted(p for p in (phi_cohort[0] / "dicom").iterdir() if p.is_dir())[:2]):
+        target = shutil.copytree(folder, export / folder.name)
+        series: dict[str, list] = {}
+        for path in sorted(p for p in target.rglob("*") if p.is_file()):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except pydicom.errors.InvalidDicomError:
+                continue
+            found[str(ds.PatientID)] = target
+            if ds.Modality == "CT" and "LOCALIZER" not in ds.ImageType:
+                series.setdefault(ds.SeriesInstanceUID, []).append((float(ds.ImagePositionPatient[2]), path))
+        for slices in series.values() if i == 1 else []:  # the thin series and its thick recon: no fallback left
+            for _, path in sorted(slices)[len(slices) // 2 : len(slices) // 2 + 3]:
+                path.unlink()
+    return found
+
+
+def test_heights_flag_exactly_the_fractured_levels(tiny_cohort):
+    """On the cohort's own masks, `levels=auto` (Genant grade >= 1) picks every fractured body and no other."""
+    from ovcf.data.heights import genant_grade, level_heights
+    from ovcf.predict import choose_levels
+
+    assert [genant_grade(x) for x in (0.1, 0.2, 0.3, 0.45)] == [0, 1, 2, 3]
+    for p in json.loads((tiny_cohort / "synth.json").read_text())["patients"]:
+        img = nib.as_closest_canonical(nib.load(tiny_cohort / "masks" / f"{p['patient_id']}.nii.gz"))
+        heights = level_heights(np.asarray(img.dataobj).astype(np.int16), img.header.get_zooms())
+        assert set(choose_levels("auto", heights)) == {f["level"] for f in p["fractures"]}, (p["patient_id"], heights)
+        for level in choose_levels("auto", heights):
+            h = heights[level]
+            assert h["height_loss"] >= 0.2 and 0 < h["anterior_ratio"] and h["anterior_mm"] > 5
+
+
+def test_export_round_trip(system, tmp_path):
+    """The folder loads on its own (moved away from its runs); metadata has the bundle keys; the threshold is evaluate's."""
+    from ovcf.eval.external import Scoring, evaluate_predictions
+    from ovcf.eval.predictions import run_predictions
+    from ovcf.export import export_system
+    from ovcf.predict import load_system
+
+    moved = shutil.copytree(system["folder"], tmp_path / "elsewhere" / "system")
+    meta = json.loads((moved / "configs" / "metadata.json").read_text())
+    keys = {"version", "changelog", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task"}
+    keys |= {"description", "authors", "copyright", "data_source", "network_data_format", "models", "threshold"}
+    keys |= {"threshold_rule", "validation_metrics", "data_hash"}
+    assert keys <= set(meta) and {"inputs", "outputs"} <= set(meta["network_data_format"])
+    loaded = load_system(moved)
+    size = loaded.pre["roi_size"]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [size] * 3 and loaded.classifiers
+    assert loaded.pre["volume_spacing"] == 2.0 and loaded.checks.series.min_slices == 3
+    # evaluate froze the threshold (and chose the model) in the study's evaluation/metrics.json
+    report = json.loads((system["eval"] / "metrics.json").read_text())
+    entry = next(m for m in report["models"].values() if Path(m["run"]).resolve() == system["run"].resolve())
+    assert loaded.threshold == meta["threshold"] == entry["threshold"]["value"]
+    assert meta["validation_metrics"]["n"] == entry["val"]["n"]
+    # Without evaluation=, the threshold is chosen from the run's validation predictions as evaluate does.
+    again = export_system(system["run"], system["seg"], tmp_path / "again", rule="youden")
+    preds = run_predictions(system["run"], progress=False)
+    expected = evaluate_predictions(preds["val"], preds["test"], Scoring("youden"))["threshold"]["value"]
+    assert json.loads((again / "configs" / "metadata.json").read_text())["threshold"] == expected
+    other = shutil.copytree(system["run"], tmp_path / "other_run")  # a run that evaluation did not score
+    with pytest.raises(ConfigError, match="holds no model of classifier"):
+        export_system(other, system["seg"], tmp_path / "x", system["eval"])
+
+
+def _ct_series_uids(folder: Path) -> set[str]:
+    uids = set()
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if ds.get("Modality") == "CT" and "LOCALIZER" not in ds.get("ImageType", []):
+            uids.add(str(ds.SeriesInstanceUID))
+    return uids
+
+
+def _leaks(root: Path, secrets: dict[str, str], text: str = "") -> list[str]:
+    """Where any planted PHI value appears: in `text`, in a file or folder name under `root`, or inside a file."""
+    found = [f"{what} in console" for what, v in secrets.items() if v.lower() in text.lower()]
+    for path in root.rglob("*"):
+        found += [f"{what} in name {path}" for what, v in secrets.items() if v.lower() in path.name.lower()]
+        if path.is_file():
+            blob = path.read_bytes().lower()
+            found += [f"{what} in {path}" for what, v in secrets.items() if v.lower().encode() in blob]
+    return found
+
+
+def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
+    """An export of several patients: report, PNGs, NIfTI and DICOM SEG for the good one, the bad one refused, no PHI."""
+    import highdicom as hd
+
+    from ovcf.data.pseudonym import load_key, pseudonym
+    from ovcf.predict import run as predict_run
+    from ovcf.segment import read_ct
+
+    out = tmp_path / "out"
+    export = next(iter(two_patients.values())).parent
+    key = load_key(tmp_path / "key")
+    by_name = {pseudonym(pid, key): folder for pid, folder in two_patients.items()}
+    cfg = compose_cfg(
+        "predict",
+        [
+            f"input={export}",
+            f"output={out}",
+            f"system={system['folder']}",
+            "levels=all",
+            "nifti=true",
+            "dicom_seg=true",
+            "progress=false",
+            f"paths.key_file={tmp_path / 'key'}",
+        ],
+    )
+    summary = predict_run(cfg)
+    console = capsys.readouterr()
+    assert len(summary["patients"]) == 1 and len(summary["refused"]) == 1
+    (refused,) = summary["refused"].values()
+    assert "missing_slices" in refused and "CT series #2" in refused and "\n" not in refused
+    assert refused in console.err and " s\n" in console.out  # the refusal and the per-patient time are printed
+    threshold = json.loads((system["folder"] / "configs" / "metadata.json").read_text())["threshold"]
+    folders = {p.name: p for p in out.iterdir() if p.is_dir()}
+    assert set(folders) == set(summary["patients"])
+    for name in sorted(folders):
+        report = json.loads((folders[name] / "report.json").read_text())
+        assert report["segmentation"]["levels"], "the study's segmenter found no vertebral body"
+        assert [e["level"] for e in report["levels"]] == report["segmentation"]["levels"] and report["seconds"] > 0
+        for e in report["levels"]:
+            assert e["status"] == "classified" and 0 <= e["probability"] <= 1
+            assert e["decision"] == ("acute" if e["probability"] >= threshold else "chronic")
+            assert (folders[name] / e["gradcam"]).stat().st_size > 5_000
+        seg = hd.seg.segread(folders[name] / "seg.dcm")
+        assert seg.PatientID == name and seg.PatientName == f"{name}^"
+        labels = [d.SegmentLabel for d in seg.SegmentSequence]
+        assert labels and set(labels) <= set(LEVEL_IDS)
+        ct_folder = by_name[name]
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID in _ct_series_uids(ct_folder)
+        ct = read_ct(ct_folder).canonical()
+        mask = nib.load(folders[name] / "mask.nii.gz")
+        assert mask.shape == ct.array.shape and np.allclose(mask.affine, ct.affine, atol=1e-3)
+        assert set(np.unique(np.asarray(mask.dataobj))) - {0} <= set(LEVEL_IDS.values())
+    assert (out / "summary.csv").is_file()
+    assert _leaks(out, system["secrets"], console.out + console.err) == []
+
+    # A NIfTI CT, with named levels: one the mask holds, and one outside the scan.
+    found = report["segmentation"]["levels"][0]
+    nib.save(nib.Nifti1Image(ct.array, ct.affine), tmp_path / "ct.nii.gz")
+    cfg = compose_cfg("predict", [f"input={tmp_path / 'ct.nii.gz'}", f"output={tmp_path / 'nii'}", f"system={system['folder']}"])
+    cfg.levels, cfg.progress, cfg.paths.key_file = [found, "C1"], False, str(tmp_path / "key")
+    (name,) = predict_run(cfg)["patients"]
+    entries = json.loads((tmp_path / "nii" / name / "report.json").read_text())["levels"]
+    assert [(e["level"], e["status"]) for e in entries] == [("C1", "not_in_fov"), (found, "classified")]
+
+
+def test_a_rejected_series_is_refused_in_one_line(system, two_patients, tmp_path, capsys):
+    """One patient whose CT ingest would reject: the entry point exits 2 with one line naming the series and reason."""
+    from ovcf.cli import guarded
+    from ovcf.predict import run as predict_run
+
+    bad = list(two_patients.values())[1]
+    cfg = compose_cfg("predict", [f"input={bad}", f"output={tmp_path / 'out'}", f"system={system['folder']}", "progress=false"])
+    cfg.paths.key_file = str(tmp_path / "key")
+    with pytest.raises(SystemExit) as exit_:
+        guarded(predict_run, cfg)
+    err = capsys.readouterr()
+    lines = err.err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, err.err
+    assert lines[0].startswith("error: p") and "missing_slices" in lines[0] and "CT series #2" in lines[0]
+    assert _leaks(tmp_path / "out", system["secrets"], err.out + err.err) == []
+
+
+def test_without_a_system_the_error_names_the_fix(tmp_path):
+    from ovcf.errors import ConfigError
+    from ovcf.predict import run as predict_run
+
+    cfg = compose_cfg("predict", [f"input={tmp_path}", f"output={tmp_path / 'o'}", f"paths.log_dir={tmp_path / 'logs'}"])
+    with pytest.raises(ConfigError, match=r"system=.*python -m ovcf\.study"):
+        predict_run(cfg)
+    cfg = compose_cfg("predict", [f"input={tmp_path}", f"output={tmp_path / 'o'}", "levels=[L9]"])
+    with pytest.raises(ConfigError, match="unknown level"):
+        predict_run(cfg)

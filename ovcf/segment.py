@@ -51,17 +51,20 @@ def load_segmenter(ckpt: str | Path, device: str = "cpu"):
 
 
 def to_ct_grid(labels: np.ndarray, labels_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
-    """Nearest-neighbour copy of a label map onto the CT's voxels (both RAS affines), one slice at a time."""
-    ct_shape = tuple(int(n) for n in ct_shape)
-    out = np.zeros(ct_shape, np.uint8)
-    to_labels = np.linalg.inv(labels_affine) @ ct_affine
-    ii, jj = np.meshgrid(np.arange(ct_shape[0]), np.arange(ct_shape[1]), indexing="ij")
-    for k in range(ct_shape[2]):
-        index = np.stack([ii, jj, np.full_like(ii, k)], axis=-1) @ to_labels[:3, :3].T + to_labels[:3, 3]
-        index = np.rint(index).astype(np.int64)
-        inside = np.all((index >= 0) & (index < np.array(labels.shape)), axis=-1)
-        out[..., k][inside] = labels[tuple(index[inside].T)]
-    return out
+    """Nearest-neighbour copy of a label map onto the CT's voxels (both RAS affines); outside it, 0."""
+    from scipy import ndimage
+
+    to_labels = np.linalg.inv(labels_affine) @ ct_affine  # CT voxel index -> label voxel index
+    return ndimage.affine_transform(
+        np.asarray(labels, np.uint8),
+        to_labels[:3, :3],
+        offset=to_labels[:3, 3],
+        output_shape=tuple(int(n) for n in ct_shape),
+        order=0,
+        mode="constant",
+        cval=0,
+        prefilter=False,
+    )
 
 
 def predict(task, image_hu: np.ndarray, spacing: float, hu_window) -> tuple[np.ndarray, object]:

@@ -16,15 +16,6 @@ from ovcf.cli import config_dir
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group into the node id
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs two workers), every test that reads the session's study
-    runs on the same worker, so the study is trained once."""
-    for item in items:
-        if "smoke_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("study"))
-
-
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, tmp: Path | None = None):
     """The composed config, with output folders under `tmp` (no Hydra run is active)."""
     extra = [f"paths.output_dir={tmp}", f"paths.cache_dir={tmp / 'cache'}", f"paths.data_dir={tmp / 'data'}"] if tmp else []

@@ -74,6 +74,7 @@ def test_heights_flag_exactly_the_fractured_levels(tiny_cohort):
             assert h["height_loss"] >= 0.2 and 0 < h["anterior_ratio"] and h["anterior_mm"] > 5
 
 
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_export_round_trip(system, tmp_path):
     """The folder loads on its own (moved away from its runs); metadata has the bundle keys; the threshold is evaluate's."""
     from ovcf.eval.external import Scoring, evaluate_predictions
@@ -129,6 +130,7 @@ def _leaks(root: Path, secrets: dict[str, str], text: str = "") -> list[str]:
     return found
 
 
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     """An export of several patients: report, PNGs, NIfTI and DICOM SEG for the good one, the bad one refused, no PHI."""
     import highdicom as hd
@@ -194,6 +196,7 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     assert [(e["level"], e["status"]) for e in entries] == [("C1", "not_in_fov"), (found, "classified")]
 
 
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_a_rejected_series_is_refused_in_one_line(system, two_patients, tmp_path, capsys):
     """One patient whose CT ingest would reject: the entry point exits 2 with one line naming the series and reason."""
     from ovcf.cli import guarded

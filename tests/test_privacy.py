@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import run_cli
 
 
@@ -31,6 +32,7 @@ def _leaks(root, secrets: dict[str, str]) -> list[str]:
     return found
 
 
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_path):
     cohort, secrets = phi_cohort
     planted = {leak.split(" in")[0] for leak in _leaks(cohort, secrets)}

@@ -62,7 +62,9 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
         ],
         "evaluation": [
             "ovcf.evaluate", f"run={folder / 'classification'}", f"segmentation={folder / 'segmentation'}",
-            f"out={folder / 'evaluation'}", f"hydra.run.dir={folder / 'evaluation'}", *cfg.evaluate_overrides,
+            f"out={folder / 'evaluation'}", f"hydra.run.dir={folder / 'evaluation'}",
+            *(["threshold.rule=fixed"] if debug else []),  # a debug cohort's validation fold may hold one class
+            *cfg.evaluate_overrides,
         ],
     }  # fmt: skip
 

@@ -19,11 +19,9 @@ run) when given; otherwise it is chosen exactly as evaluate does, from the run's
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import sys
 from dataclasses import asdict
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import hydra
@@ -47,13 +45,6 @@ def _slim_checkpoint(src: Path, dst: Path) -> None:
         raw.pop(key, None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(raw, dst)
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib_metadata.version(package)
-    except importlib_metadata.PackageNotFoundError:
-        return None
 
 
 def _summary(metrics: dict | None) -> dict | None:
@@ -110,12 +101,11 @@ def _data_hash(hp: dict) -> str | None:
     """The ingest cache's fingerprint of the cohort the classifier was trained on, if that cache is still there."""
     try:
         from ovcf.data.datamodule import CohortDataModule
-        from ovcf.data.ingest import cache_folder, check_cohort
+        from ovcf.data.ingest import cache_fingerprint, cache_folder, check_cohort
 
         dm = CohortDataModule(**{k: v for k, v in hp.items() if k != "augment"})
         masks = Path(hp["predicted_masks"]).expanduser().resolve() if hp.get("roi_source") == "predicted" else None
-        stamp = cache_folder(check_cohort(dm.cohort_path), Path(hp["cache_dir"]), dm.roi, masks) / "fingerprint.json"
-        return json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
+        return cache_fingerprint(cache_folder(check_cohort(dm.cohort_path), Path(hp["cache_dir"]), dm.roi, masks))
     except (OvcfError, OSError, KeyError, TypeError, ValueError):
         return None
 
@@ -213,18 +203,21 @@ def export_system(
 
 def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members) -> dict:
     """MONAI bundle metadata (its schema's keys) plus what ovcf adds: models, threshold, metrics, data hash."""
+    from ovcf.eval.report import PACKAGES, versions
+
+    found = versions((*PACKAGES, "highdicom", "nibabel"))
     size = pre["roi_size"]
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
         "version": version,
         "changelog": {version: "exported by python -m ovcf.export"},
-        "monai_version": _version("monai"),
+        "monai_version": found.get("monai"),
         "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": _version("numpy"),
+        "numpy_version": found.get("numpy"),
         "optional_packages_version": {
-            p: _version(p) for p in ("lightning", "timm", "torchio", "pydicom", "highdicom", "nibabel", "ovcf")
+            p: found.get(p) for p in ("lightning", "timm", "torchio", "pydicom", "highdicom", "nibabel", "ovcf")
         },
-        "required_packages_version": {"ovcf": _version("ovcf")},
+        "required_packages_version": {"ovcf": found.get("ovcf")},
         "name": "ovcf acute vs chronic OVCF",
         "task": "Acute vs chronic osteoporotic vertebral compression fracture from CT (segmentation, then classification)",
         "description": (
@@ -281,7 +274,7 @@ def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members)
         "external": chosen["external"],
         "data_hash": results.get("data_hash") or _data_hash(hp),
         "ovcf_format": SYSTEM_FORMAT,
-        "python_version": platform.python_version(),
+        "python_version": found["python"],
     }
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.data.ingest import cache_fingerprint
 from ovcf.errors import ConfigError
 from ovcf.eval.predictions import write_predictions
 
@@ -68,12 +69,6 @@ def train(cfg: DictConfig) -> float:
         results = fit_and_test(cfg, Path(cfg.paths.output_dir))
     print(f"{summary(results)}\nResults: {Path(cfg.paths.output_dir) / 'results.json'}")
     return results["val"][cfg.optimized_metric.removeprefix("val/")]
-
-
-def _data_hash(datamodule) -> str | None:
-    """Ingest's fingerprint of the cohort files and settings the run read (None: no cache stamp)."""
-    stamp = Path(datamodule.cache) / "fingerprint.json"
-    return json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
 
 
 def finished(cfg: DictConfig, out: Path) -> dict | None:
@@ -154,7 +149,7 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
         "n": {name: len(getattr(ds, "volumes", ds)) for name, ds in datamodule.datasets.items()},  # samples or scans
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
         "seed": cfg.seed,
-        "data_hash": _data_hash(datamodule),
+        "data_hash": cache_fingerprint(datamodule.cache),  # ingest's hash of the cohort files and settings
         "fit_seconds": round(fit_seconds, 1),
         "params": sum(p.numel() for p in model.parameters()),
     }

@@ -102,6 +102,12 @@ def cache_folder(cohort: Path, cache_root: Path, roi: RoiSpec, masks: Path | Non
     return Path(cache_root).expanduser() / "cohorts" / name
 
 
+def cache_fingerprint(cache: Path) -> str | None:
+    """The fingerprint (cohort files and settings) stamped on an ingest cache folder; None: no stamp."""
+    stamp = Path(cache) / "fingerprint.json"
+    return json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+
+
 def _read_headers(paths: list[str]):
     slices, kinds = [], Counter()
     for p in paths:
@@ -413,7 +419,7 @@ def ingest(
     settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
     fingerprint = _fingerprint(cohort, settings)
     stamp = out / "fingerprint.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+    if cache_fingerprint(out) == fingerprint:
         return out
 
     rows = read_clinical(cohort / CLINICAL_CSV)

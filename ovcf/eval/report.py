@@ -52,9 +52,10 @@ def _table(header: list[str], rows: list[list[str]], best: int | None = None) ->
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def versions() -> dict[str, str]:
+def versions(packages=PACKAGES) -> dict[str, str]:
+    """Python's version and each installed package's (absent ones are left out)."""
     found = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -35,7 +35,7 @@ SYSTEM_FORMAT = 1  # bumped when predict can no longer read older folders
 METADATA = Path("configs") / "metadata.json"
 INFERENCE = Path("configs") / "inference.json"
 DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")  # training state predict never needs
-PREPROCESSING_KEYS = ("roi_size", "roi_spacing", "hu_window", "in_channels", "volume_spacing", "roi_source")
+PREPROCESSING_KEYS = ("roi_size", "roi_spacing", "roi_margin", "hu_window", "in_channels", "volume_spacing", "roi_source")
 
 
 def _slim_checkpoint(src: Path, dst: Path) -> None:
@@ -123,6 +123,7 @@ def _preprocessing(members_hp: list[dict], seg_settings: dict) -> dict:
     return {
         "roi_size": int(first["roi_size"] or 48),
         "roi_spacing": float(first["roi_spacing"] or 1.25),
+        "roi_margin": None if first.get("roi_margin") is None else float(first["roi_margin"]),
         "hu_window": [float(v) for v in (first["hu_window"] or (-250.0, 1250.0))],
         "in_channels": int(first["in_channels"] or 1),
         "roi_source": first["roi_source"] or "given",
@@ -147,7 +148,8 @@ def export_system(
     """Writes the system (segmenter, classifier model(s), frozen threshold, preprocessing) into `out`.
 
     Args:
-        classifier_run: a finished `python -m ovcf.train` classification run (one model, or `fold_<k>/` models).
+        classifier_run: a finished `python -m ovcf.train` classification run (one model, `fold_<k>/` models, or
+            a `cv.test=refit` run, whose refit model is the one exported).
         segmenter_ckpt: the chosen `task=segmentation` checkpoint.
         out: the folder to write; replaced when it exists (written beside it first, so a crash leaves the old one).
         evaluation: `python -m ovcf.evaluate`'s output folder holding this run: its frozen threshold and metrics
@@ -176,7 +178,7 @@ def export_system(
     _slim_checkpoint(Path(segmenter_ckpt).expanduser(), tmp / "models" / "segmenter.ckpt")
     classifiers = []
     for fold, ckpt in members:
-        name = "classifier.ckpt" if fold is None else f"classifier_fold_{fold}.ckpt"
+        name = "classifier.ckpt" if fold in (None, "refit") else f"classifier_fold_{fold}.ckpt"
         _slim_checkpoint(ckpt, tmp / "models" / name)
         classifiers.append({"file": f"models/{name}", "fold": fold})
     threshold = {**chosen["threshold"], "value": float(chosen["threshold"]["value"])}
@@ -201,6 +203,12 @@ def export_system(
     return out
 
 
+def _roi_words(pre: dict) -> str:
+    if pre.get("roi_margin") is None:
+        return f"{pre['roi_spacing']:g} mm"
+    return f"the body's extent plus {pre['roi_margin']:g} mm on each side"
+
+
 def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members) -> dict:
     """MONAI bundle metadata (its schema's keys) plus what ovcf adds: models, threshold, metrics, data hash."""
     from ovcf.eval.report import PACKAGES, versions
@@ -222,7 +230,7 @@ def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members)
         "task": "Acute vs chronic osteoporotic vertebral compression fracture from CT (segmentation, then classification)",
         "description": (
             f"Vertebral bodies are segmented per level by a {seg_task.hparams.model_name} on the CT at "
-            f"{pre['volume_spacing']:g} mm; each fractured level's {size}-voxel ROI of {pre['roi_spacing']:g} mm is "
+            f"{pre['volume_spacing']:g} mm; each fractured level's {size}-voxel ROI of {_roi_words(pre)} is "
             f"classified by {results.get('model')} ({n_members} model(s), probabilities averaged) and called acute at "
             f"probability >= {threshold['value']:.4f} ({chosen['rule']}, frozen on validation)."
         ),

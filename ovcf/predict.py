@@ -189,33 +189,25 @@ def choose_levels(levels, heights: dict[str, dict]) -> list[str]:
 
 def _roi(volume, by_id: dict, level: str, system: System) -> dict:
     """The ROI (HU, rounded as the ingest cache stores it), body mask and protocol checks of one level, as ingest cuts them."""
-    from ovcf.data.ingest import _body_volume
+    from ovcf.data.ingest import RoiSpec, check_box, cut_roi
     from ovcf.data.quality import implant_ml, locate_level, noise_hu
-    from ovcf.data.volume import resample_roi
 
     voxels, centre = locate_level(by_id, volume, level)
     if centre is None:
         return {"status": "not_in_fov", "note": f"level {level} is outside the CT's field of view"}
-    flags = []
-    if voxels is None:  # in view but not segmented: a box around the estimated centre, as ingest does
-        index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
-        half = 15.0 / volume.spacing
-        box = np.clip(np.array([index - half, index + half]).round().astype(int), 0, np.array(volume.array.shape) - 1)
-        flags.append("level_mask_missing")
-    else:
-        box = voxels
-    q, size, spacing = system.checks.quality, int(system.pre["roi_size"]), float(system.pre["roi_spacing"])
+    flags = [] if voxels is not None else ["level_mask_missing"]  # then centred on the estimate, as ingest does
+    box, q, pre = check_box(voxels, centre, volume), system.checks.quality, system.pre
     dense, noise = implant_ml(volume, box, q), noise_hu(volume, box, q)
     excluded = (["implant"] if dense >= q.implant_min_ml else []) + (["image_quality"] if noise > q.max_noise_hu else [])
-    image = resample_roi(volume, centre, size, spacing)
-    body = resample_roi(_body_volume(voxels, volume), centre, size, spacing, "nearest", 0.0)
+    roi = RoiSpec(int(pre["roi_size"]), float(pre["roi_spacing"]), None, pre.get("roi_margin"))
+    image, mask, spacing = cut_roi(volume, voxels, centre, roi)
     return {
         "status": "excluded" if excluded else "classified",
         "excluded": excluded,
         "flags": flags,
-        "qc": {"implant_ml": round(dense, 3), "noise_hu": round(noise, 1)},
-        "image": np.clip(np.rint(image), -32768, 32767).astype(np.int16).astype(np.float32),
-        "mask": (body > 0.5).astype(np.uint8),
+        "qc": {"implant_ml": round(dense, 3), "noise_hu": round(noise, 1), "roi_mm": round(spacing, 4)},
+        "image": image.astype(np.float32),
+        "mask": mask,
     }
 
 

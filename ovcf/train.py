@@ -106,8 +106,22 @@ def evaluation_trainer(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
     )
 
 
-def fit_and_test(cfg: DictConfig, out: Path) -> dict:
-    """One model: fit, validate and test with the best checkpoint; writes results.json (and predictions) into `out`."""
+class StopAfterEpoch(L.Callback):
+    """Ends the fit after epoch `epoch` (0-based) of the configured schedule, which stays as it is."""
+
+    def __init__(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.epoch:
+            trainer.should_stop = True
+
+
+def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> dict:
+    """One model: fit, validate and test with the best checkpoint; writes results.json (and predictions) into `out`.
+
+    With `stop_epoch` (a refit on every development patient: no validation set), the fit stops
+    after that epoch and its weights are tested."""
     done = finished(cfg, out)
     if done is not None:
         return done
@@ -115,8 +129,12 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    extra = {}
+    if stop_epoch is not None:
+        callbacks.append(StopAfterEpoch(stop_epoch))
+        extra["limit_val_batches"] = 0
     loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -136,7 +154,7 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if trainer.world_size > 1:
         trainer = evaluation_trainer(cfg, trainer)
-    val = trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    val = {} if stop_epoch is not None else trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
     results = {
@@ -148,6 +166,7 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
         "centers": datamodule.centers,
         "n": {name: len(getattr(ds, "volumes", ds)) for name, ds in datamodule.datasets.items()},  # samples or scans
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
+        **({"stop_epoch": stop_epoch} if stop_epoch is not None else {}),
         "seed": cfg.seed,
         "data_hash": cache_fingerprint(datamodule.cache),  # ingest's hash of the cohort files and settings
         "fit_seconds": round(fit_seconds, 1),
@@ -167,18 +186,23 @@ def fit_and_test(cfg: DictConfig, out: Path) -> dict:
     return results
 
 
+CV_TEST = {
+    "ensemble": "the fold models' mean probability",
+    "refit": "one model refit on every development patient",
+}
+
+
 def cross_validate(cfg: DictConfig, folds: int) -> dict:
     """`cv.folds` patient folds of the development center: one model per fold (in `fold_<k>/`), val
-    metrics as mean and sd over folds, the external test scored once with the fold ensemble (mean
-    probability). The external center never enters a fold."""
+    metrics as mean and sd over folds, and the external test scored once, by the fold ensemble (mean
+    probability) or by a model refit on every development patient (`cv.test=refit`, in `refit/`).
+    The external center never enters a fold."""
     if cfg.task != "classification":
         raise ConfigError("cv.folds > 1 is for task=classification; segmenters use one validation fold")
-    if cfg.cv.get("test", "ensemble") != "ensemble":
-        raise ConfigError(f"cv.test={cfg.cv.test}: the external test uses the fold ensemble (cv.test=ensemble)")
+    mode = cfg.cv.get("test", "ensemble")
+    if mode not in CV_TEST:
+        raise ConfigError(f"cv.test={mode}: use " + " or ".join(f"{k} ({v})" for k, v in CV_TEST.items()))
     import numpy as np
-    import torch
-
-    from ovcf.tasks.classification import binary_metrics
 
     out = Path(cfg.paths.output_dir)
     done = finished(cfg, out)
@@ -194,31 +218,79 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
         (out / f"fold_{k}").mkdir(parents=True, exist_ok=True)
         print(f"Fold {k + 1} of {folds}")
         runs.append(fit_and_test(fold_cfg, out / f"fold_{k}"))
-    predictions = [list(csv.DictReader(open(out / f"fold_{k}" / "test_predictions.csv"))) for k in range(folds)]
-    ensemble = []
-    for rows in zip(*predictions):
-        probs = [float(r["probability"]) for r in rows]
-        row = {"id": rows[0]["id"], "label": int(rows[0]["label"]), "probability": float(np.mean(probs))}
-        ensemble.append(row | {f"fold_{k}": p for k, p in enumerate(probs)})
-    metrics = binary_metrics()
-    metrics.update(torch.tensor([r["probability"] for r in ensemble]), torch.tensor([r["label"] for r in ensemble]))
-    test = {name: float(value) for name, value in metrics.compute().items()}
+    if mode == "refit":
+        test, predictions, extra = refit(cfg, out, folds, runs)
+    else:
+        test, predictions = fold_ensemble(out, folds)
+        extra = {}
     vals = {key: [r["val"][key] for r in runs] for key in runs[0]["val"]}
     results = {
         **{key: runs[0][key] for key in ("task", "model", "overrides", "centers", "seed", "data_hash", "params")},
         "val": {key: float(np.mean(v)) for key, v in vals.items()},
         "val_sd": {key: float(np.std(v, ddof=1)) for key, v in vals.items()},
         "test": test,
-        "cv": {"folds": folds, "test": "ensemble"},
+        "cv": {"folds": folds, "test": mode, **extra},
         "folds": [{"fold": k, "val": r["val"], "test": r["test"], "n": r["n"]} for k, r in enumerate(runs)],
         "n": {"train+val": sum(runs[0]["n"][s] for s in ("train", "val")), "test": runs[0]["n"]["test"]},
-        "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 1),
+        "fit_seconds": round(sum(r["fit_seconds"] for r in runs) + extra.get("refit_seconds", 0.0), 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_predictions(out / "test_predictions.csv", ensemble)
+    write_predictions(out / "test_predictions.csv", predictions)
     sd = results["val_sd"]["auroc"]
-    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = fold ensemble")
+    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = {CV_TEST[mode]}")
     return results
+
+
+def _scores(rows: list[dict]) -> dict:
+    """Binary metrics of prediction rows (probability, label)."""
+    import torch
+
+    from ovcf.tasks.classification import binary_metrics
+
+    metrics = binary_metrics()
+    metrics.update(torch.tensor([float(r["probability"]) for r in rows]), torch.tensor([int(r["label"]) for r in rows]))
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+def fold_ensemble(out: Path, folds: int) -> tuple[dict, list[dict]]:
+    """The external test scored by the mean probability of the fold models (their columns kept)."""
+    import numpy as np
+
+    predictions = [list(csv.DictReader(open(out / f"fold_{k}" / "test_predictions.csv"))) for k in range(folds)]
+    ensemble = []
+    for rows in zip(*predictions):
+        probs = [float(r["probability"]) for r in rows]
+        row = {"id": rows[0]["id"], "label": int(rows[0]["label"]), "probability": float(np.mean(probs))}
+        ensemble.append(row | {f"fold_{k}": p for k, p in enumerate(probs)})
+    return _scores(ensemble), ensemble
+
+
+def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dict, list[dict], dict]:
+    """`cv.test=refit`: one more model on every development patient (`refit/`), trained on the folds'
+    schedule and stopped at the median of the epochs their validation chose: with no patient left
+    to validate on, the folds pick the epoch. It alone scores the external center."""
+    import numpy as np
+    import torch
+
+    epochs = [
+        int(torch.load(out / f"fold_{k}" / r["best_checkpoint"], map_location="cpu", weights_only=False)["epoch"])
+        for k, r in enumerate(runs)
+    ]
+    stop = int(np.median(epochs))
+    refit_cfg = cfg.copy()
+    with open_dict(refit_cfg):
+        refit_cfg.data.val_fraction = 1.0 / folds
+        refit_cfg.data.fold = None  # every development patient trains
+        refit_cfg.paths.output_dir = str(out / "refit")
+        if "model_checkpoint" in (refit_cfg.get("callbacks") or {}):
+            refit_cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor: keep the last epoch
+    (out / "refit").mkdir(parents=True, exist_ok=True)
+    print(f"Refit on every development patient: epochs 1 to {stop + 1} (the folds' best epochs: {[e + 1 for e in epochs]})")
+    result = fit_and_test(refit_cfg, out / "refit", stop_epoch=stop)
+    rows = list(csv.DictReader(open(out / "refit" / "test_predictions.csv")))
+    rows = [{"id": r["id"], "label": int(r["label"]), "probability": float(r["probability"])} for r in rows]
+    extra = {"refit_epoch": stop + 1, "fold_epochs": [e + 1 for e in epochs], "refit_seconds": result["fit_seconds"]}
+    return result["test"], rows, extra
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -204,3 +204,39 @@ def test_leaderboard_picks_by_validation_mean_and_shows_the_variant(tmp_path):
     assert [r["variant"] for r in table] == ["model.clinical=true", "model.clinical=false"]
     assert table[0]["best"] == "*" and float(table[0]["val_auroc"]) == 0.86 and float(table[0]["test_auroc"]) == 0.70
     assert float(table[0]["val_auroc_sd"]) == 0.03 and table[0]["folds"] == "5"
+
+
+def test_refit_trains_on_every_development_patient_and_alone_tests(cli_env, tmp_path, tiny_cohort):
+    """cv.test=refit: the folds choose the epoch, one more model trains on all development patients
+    for that long, and it alone scores the external center (evaluate's test rows are its own)."""
+    from ovcf.eval.predictions import run_members, run_predictions
+
+    run = tmp_path / "run"
+    args = ["model=densenet121", "debug=smoke", "cv.folds=2", "cv.test=refit", "trainer.max_epochs=4"]
+    args += [f"data.cohort={tiny_cohort}", "data.roi_size=32", "data.progress=false", f"hydra.run.dir={run}"]
+    proc = run_cli("ovcf.train", args, cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    folds = [json.loads((run / f"fold_{k}" / "results.json").read_text()) for k in (0, 1)]
+    best = [torch.load(run / f"fold_{k}" / f["best_checkpoint"], weights_only=False)["epoch"] for k, f in enumerate(folds)]
+    stop = int(np.median(best))
+    cv = dict(results["cv"])
+    assert cv.pop("refit_seconds") > 0
+    assert cv == {"folds": 2, "test": "refit", "refit_epoch": stop + 1, "fold_epochs": [e + 1 for e in best]}
+    refit = json.loads((run / "refit" / "results.json").read_text())
+    assert refit["stop_epoch"] == stop and refit["val"] == {}
+    assert refit["n"]["train"] == folds[0]["n"]["train"] + folds[0]["n"]["val"] and "val" not in refit["n"]
+    assert torch.load(run / "refit" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == stop
+    assert results["test"] == refit["test"]
+    assert results["val"]["auroc"] == pytest.approx(np.mean([f["val"]["auroc"] for f in folds]))
+    assert "test = one model refit" in proc.stdout
+
+    assert [m[0] for m in run_members(run, "val")] == ["0", "1"] and [m[0] for m in run_members(run, "test")] == ["refit"]
+    preds = run_predictions(run, progress=False)
+    assert {r["fold"] for r in preds["val"]} == {"0", "1"} and {r["fold"] for r in preds["test"]} == {"refit"}
+    assert len(preds["val"]) == refit["n"]["train"] and len(preds["tasks"]) == 1
+    own = {r["id"]: float(r["probability"]) for r in csv.DictReader(open(run / "test_predictions.csv"))}
+    assert own and all(own[f"{r['pseudonym']}:{r['level']}"] == pytest.approx(r["probability"], abs=1e-5) for r in preds["test"])
+
+    bad = run_cli("ovcf.train", [*args[:-1], f"hydra.run.dir={tmp_path / 'bad'}", "cv.test=best"], cli_env, tmp_path)
+    assert bad.returncode != 0 and "cv.test=best" in bad.stderr and "ensemble" in bad.stderr and "refit" in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -94,3 +95,22 @@ def test_cache_holds_no_patient_identifiers(tiny_cohort, tmp_path):
             blob = path.read_bytes()
             for pid in ids:
                 assert pid.encode() not in blob and pid not in path.name, f"{pid} leaked into {path}"
+
+
+def test_roi_margin_spans_each_body(tiny_cohort, tmp_path):
+    """`margin`: the cube spans the body's largest extent plus the margin on both sides, so its
+    spacing follows the body; the body in the cube is then size - 2 margins wide on that axis."""
+    size, margin = 32, 6.0
+    cache = ingest(tiny_cohort, tmp_path / "cache", RoiSpec(size, 1.5, None, margin), tmp_path / "key", progress=False)
+    spacings = []
+    for r in read_index(cache):
+        record = json.loads((cache / "patients" / f"{r['pseudonym']}.json").read_text())
+        qc = next(row["qc"] for row in record["rows"] if row["row"] == r["row"])
+        mask = np.load(cache / "samples" / f"{r['pseudonym']}.npz")[f"r{r['row']}_mask"]
+        assert mask[size // 2, size // 2, size // 2] == 1, "centred on the body"
+        widest = max(np.ptp(np.nonzero(mask)[axis]) + 1 for axis in range(3))  # voxels of the cube
+        assert abs(widest - (size - 2 * margin / qc["roi_mm"])) <= 2.0, (widest, qc["roi_mm"])
+        spacings.append(qc["roi_mm"])
+    assert len(spacings) > 3 and np.ptp(spacings) > 0.01, "the spacing follows each body"
+    fixed = ingest(tiny_cohort, tmp_path / "cache", RoiSpec(size, 1.5), tmp_path / "key", progress=False)
+    assert fixed != cache  # another cache folder: the margin is part of the ROI's settings

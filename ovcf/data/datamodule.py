@@ -17,68 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import CLINICAL_CSV, LABELS
+from ovcf.data.augment import build_augment, scale_augment
 from ovcf.data.clinical import read_centers
 from ovcf.data.ingest import IngestChecks, RoiSpec, check_cohort, ingest, read_index
 from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
 from ovcf.data.splits import cohort_splits, write_splits
 from ovcf.errors import ConfigError
-
-
-def build_augment(spec: dict | None):
-    """A torchio pipeline from `{TransformName: kwargs}`, or None when empty."""
-    if not spec:
-        return None
-    import torchio as tio
-
-    transforms = []
-    for name, kwargs in spec.items():
-        factory = getattr(tio, name, None)
-        if factory is None or not isinstance(factory, type) or not issubclass(factory, tio.Transform):
-            raise ConfigError(f"data.augment.{name} is not a torchio transform (e.g. RandomFlip, RandomAffine, RandomNoise)")
-        transforms.append(factory(**{"copy": False, **(kwargs or {})}))
-    return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
-
-
-# How `augment_strength` reaches each transform's magnitudes: "linear" multiplies the range,
-# "around_one" scales the distance from 1 (affine scale factors), "above_one" the part above 1 (anisotropy).
-STRENGTH_SCALED = {
-    "RandomAffine": {"scales": "around_one", "degrees": "linear", "translation": "linear"},
-    "RandomGamma": {"log_gamma": "linear"},
-    "RandomBlur": {"std": "linear"},
-    "RandomBiasField": {"coefficients": "linear"},
-    "RandomNoise": {"std": "linear"},
-    "RandomAnisotropy": {"downsampling": "above_one"},
-}
-
-
-def scale_augment(spec: dict | None, strength: float) -> dict | None:
-    """`spec` with its transforms' magnitudes multiplied by `strength`, so one number can be searched.
-
-    0 turns augmentation off (flips included), 1 keeps `spec`; flips and transforms not in
-    `STRENGTH_SCALED` are kept as they are. A scalar `RandomAffine.scales` is a deviation from 1, a
-    pair is a range of factors (torchio's convention), hence the two rules.
-    """
-    strength = float(strength)
-    if strength < 0:
-        raise ConfigError(f"data.augment_strength={strength}: use 0 (off), 1 (as configured) or another factor >= 0")
-    if not spec or strength == 0:
-        return None
-    scaled = {}
-    for name, kwargs in spec.items():
-        kwargs = dict(kwargs or {})
-        for key, rule in STRENGTH_SCALED.get(name, {}).items():
-            if key not in kwargs:
-                continue
-            value = kwargs[key]
-            if rule == "around_one" and isinstance(value, (list, tuple)):
-                rule = "above_one"  # explicit factors: scale their distance from 1
-            shift = 1.0 if rule == "above_one" else 0.0
-            if isinstance(value, (list, tuple)):
-                kwargs[key] = [shift + (v - shift) * strength for v in value]
-            else:
-                kwargs[key] = shift + (value - shift) * strength
-        scaled[name] = kwargs
-    return scaled
 
 
 def window_hu(image: np.ndarray, hu_window) -> torch.Tensor:
@@ -207,10 +151,13 @@ class CohortDataModule(L.LightningDataModule):
         external_center: center used only for test; None takes the second.
         val_fraction: share of development patients held out for validation: the development
             center is cut into round(1 / val_fraction) patient folds (written to `splits.json`).
-        fold: which of those folds validates (the others train).
+        fold: which of those folds validates (the others train); None: every development patient
+            trains and there is no validation set (a refit, `cv.test=refit`).
         seed: split seed.
         roi_size: voxels per side of the cube cropped around each fractured body.
         roi_spacing: its isotropic spacing in mm.
+        roi_margin: mm around each body's largest extent instead: the cube then spans extent + 2
+            margins and its spacing follows the body (None: the fixed `roi_spacing`).
         volume_spacing: isotropic spacing (mm) of the whole-CT volumes cached for segmentation; None: none.
         roi_source: "given" cuts ROIs from the cohort's masks; "predicted" from `predicted_masks`.
         predicted_masks: the folder `python -m ovcf.segment` wrote (`<pseudonym>.nii.gz` per patient).
@@ -235,10 +182,11 @@ class CohortDataModule(L.LightningDataModule):
         dev_center: str | None = None,
         external_center: str | None = None,
         val_fraction: float = 0.2,
-        fold: int = 0,
+        fold: int | None = 0,
         seed: int = 0,
         roi_size: int = 48,
         roi_spacing: float = 1.25,
+        roi_margin: float | None = None,
         volume_spacing: float | None = 2.0,
         roi_source: str = "given",
         predicted_masks: str | None = None,
@@ -263,10 +211,17 @@ class CohortDataModule(L.LightningDataModule):
         if isinstance(ingest, DictConfig):
             ingest = OmegaConf.to_container(ingest, resolve=True)
         self.save_hyperparameters(logger=False)
-        self.roi = RoiSpec(int(roi_size), float(roi_spacing), None if volume_spacing is None else float(volume_spacing))
+        if roi_margin is not None and float(roi_margin) < 0:
+            raise ConfigError(f"data.roi_margin={roi_margin}: use mm >= 0 around the body, or null for the fixed roi_spacing")
+        self.roi = RoiSpec(
+            int(roi_size),
+            float(roi_spacing),
+            None if volume_spacing is None else float(volume_spacing),
+            None if roi_margin is None else float(roi_margin),
+        )
         self.checks = IngestChecks.from_config(ingest)
         self.n_folds = max(2, int(round(1 / val_fraction)))
-        if not 0 <= fold < self.n_folds:
+        if fold is not None and not 0 <= fold < self.n_folds:
             raise ConfigError(
                 f"data.fold={fold} is not one of the {self.n_folds} folds (0..{self.n_folds - 1}) that val_fraction gives"
             )
@@ -323,7 +278,8 @@ class CohortDataModule(L.LightningDataModule):
         self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
 
     def split_rows(self) -> dict[str, list[dict]]:
-        """Included index rows of each set: "train" and "val" (patient folds of the development center), "test"."""
+        """Included index rows of each set: "train" and "val" (patient folds of the development center;
+        no "val" with `fold=None`), "test"."""
         hp = self.hparams
         self.prepare_data()
         index = read_index(self.cache)
@@ -334,7 +290,10 @@ class CohortDataModule(L.LightningDataModule):
         if not dev_rows or not ext_rows:
             empty = dev if not dev_rows else ext
             raise ConfigError(f"center '{empty}' has no included rows in {self.cohort_path}; see {self.cache / 'index.csv'}")
-        val_rows = set(self.make_splits(index)["folds"][hp.fold]["rows"])
+        folds = self.make_splits(index)["folds"]
+        if hp.fold is None:  # a refit: no validation set
+            return {"train": dev_rows, "test": ext_rows}
+        val_rows = set(folds[hp.fold]["rows"])
         return {
             "train": [r for r in dev_rows if r["row"] not in val_rows],
             "val": [r for r in dev_rows if r["row"] in val_rows],
@@ -404,8 +363,8 @@ class CohortDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -45,11 +45,44 @@ INDEX_COLUMNS = [
 class RoiSpec:
     """What is cached per patient: the cube cropped around each fractured body (`size` voxels of
     `spacing` mm per side) and, for segmentation, the whole CT and its label map resampled to
-    `volume_spacing` mm, axis-aligned in RAS (None: not cached)."""
+    `volume_spacing` mm, axis-aligned in RAS (None: not cached).
+
+    With `margin` (mm), each cube instead spans its body's largest extent plus `margin` on either
+    side, so its spacing follows the body (a small body is seen finer); a level missing from the
+    mask keeps `spacing`."""
 
     size: int = 48
     spacing: float = 1.25
     volume_spacing: float | None = 2.0
+    margin: float | None = None
+
+    def spacing_for(self, voxels: np.ndarray | None, volume: Volume) -> float:
+        """The cube's spacing (mm) for a body given by its voxel indices."""
+        if self.margin is None or voxels is None or not len(voxels):
+            return self.spacing
+        # The body's bounding box in RAS mm (voxel edges included), its longest side.
+        extent = float((np.abs(volume.affine[:3, :3]) @ (voxels.max(0) - voxels.min(0) + 1.0)).max())
+        return (extent + 2 * float(self.margin)) / self.size
+
+
+def check_box(voxels: np.ndarray | None, centre: np.ndarray, volume: Volume) -> np.ndarray:
+    """Where the implant and noise checks look: the body's voxels, or for a level missing from the
+    mask a 30 mm box of voxel indices around its estimated centre."""
+    if voxels is not None:
+        return voxels
+    index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
+    half = 15.0 / volume.spacing
+    box = np.array([index - half, index + half]).round().astype(int)
+    return np.clip(box, 0, np.array(volume.array.shape) - 1)
+
+
+def cut_roi(volume: Volume, voxels: np.ndarray | None, centre: np.ndarray, roi: RoiSpec) -> tuple[np.ndarray, np.ndarray, float]:
+    """The ROI cube around one body, as the cache stores it: HU (int16 range), the body mask (uint8)
+    and the spacing used. Ingest and predict cut ROIs with this one function."""
+    spacing = roi.spacing_for(voxels, volume)
+    image = resample_roi(volume, centre, roi.size, spacing)
+    body = resample_roi(_body_volume(voxels, volume), centre, roi.size, spacing, "nearest", 0.0)
+    return np.clip(np.rint(image), -32768, 32767).astype(np.int16), (body > 0.5).astype(np.uint8), spacing
 
 
 @dataclass(frozen=True)
@@ -235,18 +268,13 @@ def _work(p: _Patient) -> None:
         if centre is None:
             p.add(r.row, "level_not_in_fov", f"level {r.level} is outside the CT's field of view")
             continue
-        if voxels is None:  # in view, but the mask lacks it: a box around the estimated centre
-            index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
-            half = 15.0 / volume.spacing
-            box = np.array([index - half, index + half]).round().astype(int)
-            box = np.clip(box, 0, np.array(labels.shape) - 1)
+        box = check_box(voxels, centre, volume)
+        if voxels is None:  # in view, but the mask lacks it: ROI centred on the estimate
             p.add(
                 r.row,
                 note=f"level {r.level} is in view but not in the mask; ROI centred on its estimated position",
                 flag="level_mask_missing",
             )
-        else:
-            box = voxels
         dense = implant_ml(volume, box, q)
         if dense >= q.implant_min_ml:
             p.add(r.row, "implant", f"{dense:.2f} ml above {q.implant_hu:g} HU in or next to {r.level} (cement or metal)")
@@ -258,10 +286,8 @@ def _work(p: _Patient) -> None:
             p.add(r.row, "image_quality", f"voxels {slice_mm:.1f} mm apart exceed {q.max_slice_mm:g} mm")
         if p.results[r.row]["reasons"]:
             continue
-        image = resample_roi(volume, centre, roi.size, roi.spacing)
-        body = resample_roi(_body_volume(voxels, volume), centre, roi.size, roi.spacing, "nearest", 0.0)
-        p.arrays[f"r{r.row}_image"] = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
-        p.arrays[f"r{r.row}_mask"] = (body > 0.5).astype(np.uint8)
+        p.arrays[f"r{r.row}_image"], p.arrays[f"r{r.row}_mask"], spacing = cut_roi(volume, voxels, centre, roi)
+        p.results[r.row]["qc"]["roi_mm"] = round(spacing, 4)
     if p.arrays and roi.volume_spacing:  # a patient the study keeps: its whole CT serves segmentation
         p.arrays.update(_volume_arrays(volume, labels, roi.volume_spacing))
 

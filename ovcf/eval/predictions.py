@@ -1,9 +1,10 @@
 """Acute probabilities of a trained run on its validation fold(s) and on an external cohort.
 
 A run is a `python -m ovcf.train` folder: one model (`results.json` names its best checkpoint), or
-a cross-validation run (`fold_<k>/`, one model per fold). Validation predictions come from each
-model on its own validation fold (out of fold), so the threshold is chosen on the development
-center only; the external rows are scored by every model and averaged (the fold ensemble).
+a cross-validation run (`fold_<k>/`, one model per fold, and `refit/` with `cv.test=refit`).
+Validation predictions come from each model on its own validation fold (out of fold), so the
+threshold is chosen on the development center only; the external rows are scored by every fold
+model and averaged (the fold ensemble), or by the refit model.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def predict(task, dataset, batch_size: int = 32) -> torch.Tensor:
     return torch.cat(probs) if probs else torch.zeros(0)
 
 
-def run_members(run: Path) -> list[tuple[str, Path]]:
-    """(fold name, best checkpoint) of each model of a run folder."""
+def run_members(run: Path, role: str = "test") -> list[tuple[str | None, Path]]:
+    """(fold name, best checkpoint) of the models of a run folder that play `role`.
+
+    "val": the models that score their own validation fold (out of fold); "test": the models whose
+    mean probability scores new CT. For one model both are that model; for a `cv.folds` run both
+    are the fold models, except with `cv.test=refit`, where the refit model (`refit/`) alone tests.
+    """
     run = Path(run)
     results_file = run / "results.json"
     if not results_file.is_file():
@@ -52,10 +58,13 @@ def run_members(run: Path) -> list[tuple[str, Path]]:
     results = json.loads(results_file.read_text())
     if results.get("task") != "classification":
         raise ConfigError(f"{run} is a {results.get('task')} run; evaluate takes task=classification runs")
-    if "cv" in results:
-        folders = [(str(k), run / f"fold_{k}") for k in range(results["cv"]["folds"])]
-    else:
+    cv = results.get("cv")
+    if cv is None:
         folders = [(None, run)]
+    elif role == "test" and cv.get("test") == "refit":
+        folders = [("refit", run / "refit")]
+    else:
+        folders = [(str(k), run / f"fold_{k}") for k in range(cv["folds"])]
     members = []
     for fold, folder in folders:
         res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
@@ -85,7 +94,7 @@ def external_dataset(hp: dict, cohort: Path, predicted_masks: str | None, worker
                 f"(python -m ovcf.segment ckpt=<segmenter.ckpt> cohort={cohort}) and pass predicted_masks=<that folder>"
             )
         masks = predicted_masks
-    roi = RoiSpec(int(hp["roi_size"]), float(hp["roi_spacing"]), None)
+    roi = RoiSpec(int(hp["roi_size"]), float(hp["roi_spacing"]), None, hp.get("roi_margin"))
     cache = ingest(
         check_cohort(Path(cohort)),
         hp["cache_dir"],
@@ -112,20 +121,25 @@ def run_predictions(
     progress: bool = True,
 ) -> dict:
     """{"val": records, "test": records, "external": center or cohort, "cache": Path, "tasks": the
-    models, "dataset": the external samples}: validation records of every fold (out of fold) and the
-    external records scored by the (fold-mean) model."""
+    test models, "dataset": the external samples}: validation records of every fold (out of fold) and
+    the external records scored by the test model(s) (their mean; see `run_members`)."""
     from ovcf.data.datamodule import CohortDataModule
 
     val, test_probs, test_rows, test_labels, external, cache, tasks = [], [], None, None, None, None, []
-    for fold, ckpt in run_members(Path(run)):
+    validators = run_members(Path(run), "val")
+    testers = run_members(Path(run), "test")
+    for fold, ckpt in dict.fromkeys(validators + testers):  # a model that plays both roles is loaded once
         task, hp = load_classifier(ckpt, device)
-        tasks.append(task)
         hp = {k: v for k, v in hp.items() if k != "augment"} | {"progress": progress, "num_workers": 0}
         dm = CohortDataModule(**hp)
         dm.setup("fit")
-        fold_name = fold if fold is not None else str(hp.get("fold", 0))
-        ds = dm.datasets["val"]
-        val += _records(ds.rows, ds.labels.int(), predict(task, ds, batch_size), "val", fold_name)
+        if (fold, ckpt) in validators:
+            fold_name = fold if fold is not None else str(hp.get("fold", 0))
+            ds = dm.datasets["val"]
+            val += _records(ds.rows, ds.labels.int(), predict(task, ds, batch_size), "val", fold_name)
+        if (fold, ckpt) not in testers:
+            continue
+        tasks.append(task)
         if cohort is None:
             ds, external, cache = dm.datasets["test"], dm.centers["external"], dm.cache
         else:
@@ -138,7 +152,7 @@ def run_predictions(
         elif [r["row"] for r in ds.rows] != [r["row"] for r in test_rows]:
             raise ConfigError(f"the fold models of {run} see different external rows: were they trained on the same cohort?")
         test_probs.append(probs)
-    fold = "ensemble" if len(test_probs) > 1 else val[0]["fold"] if val else "0"
+    fold = "ensemble" if len(test_probs) > 1 else testers[0][0] or (val[0]["fold"] if val else "0")
     mean = torch.stack(test_probs).mean(0)
     test = _records(test_rows, test_labels, mean, "test", fold)
     if len(test_probs) > 1:

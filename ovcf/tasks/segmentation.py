@@ -324,6 +324,9 @@ class SegmentationTask(L.LightningModule):
         loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
         if loggers and self.overlays[stage] and not self.trainer.sanity_checking:
             images = [overlay(*item) for item in self.overlays[stage]]
+            # Scans differ in size: pad to one canvas (black), which W&B's image panel needs.
+            h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+            images = [np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1]), (0, 0))) for i in images]
             for lg in loggers:
                 lg.log_image(f"{stage}/overlay", images=images, caption=["CT | truth | prediction"] * len(images))
 

@@ -199,8 +199,7 @@ def _roi(volume, by_id: dict, level: str, system: System) -> dict:
     box, q, pre = check_box(voxels, centre, volume), system.checks.quality, system.pre
     dense, noise = implant_ml(volume, box, q), noise_hu(volume, box, q)
     excluded = (["implant"] if dense >= q.implant_min_ml else []) + (["image_quality"] if noise > q.max_noise_hu else [])
-    roi = RoiSpec(int(pre["roi_size"]), float(pre["roi_spacing"]), None, pre.get("roi_margin"))
-    image, mask, spacing = cut_roi(volume, voxels, centre, roi)
+    image, mask, spacing = cut_roi(volume, voxels, centre, RoiSpec.from_settings(pre))
     return {
         "status": "excluded" if excluded else "classified",
         "excluded": excluded,

@@ -46,7 +46,7 @@ def ablate(cfg: DictConfig) -> Path:
     unknown = set(variants) - set(cues)
     if unknown:
         raise ConfigError(f"signs={sorted(unknown)}: choose from {', '.join(cues)}")
-    roi = RoiSpec(int(data["roi_size"]), float(data["roi_spacing"]), None, data.get("roi_margin"))
+    roi = RoiSpec.from_settings(data)
     checks = IngestChecks.from_config(data.get("ingest"))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -210,14 +210,8 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
         return done
     runs = []
     for k in range(folds):
-        fold_cfg = cfg.copy()
-        with open_dict(fold_cfg):
-            fold_cfg.data.val_fraction = 1.0 / folds
-            fold_cfg.data.fold = k
-            fold_cfg.paths.output_dir = str(out / f"fold_{k}")
-        (out / f"fold_{k}").mkdir(parents=True, exist_ok=True)
         print(f"Fold {k + 1} of {folds}")
-        runs.append(fit_and_test(fold_cfg, out / f"fold_{k}"))
+        runs.append(fit_and_test(_member_cfg(cfg, out / f"fold_{k}", folds, k), out / f"fold_{k}"))
     if mode == "refit":
         test, predictions, extra = refit(cfg, out, folds, runs)
     else:
@@ -239,6 +233,17 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
     sd = results["val_sd"]["auroc"]
     print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = {CV_TEST[mode]}")
     return results
+
+
+def _member_cfg(cfg: DictConfig, out: Path, folds: int, fold: int | None) -> DictConfig:
+    """The config of one model of a CV run, written to `out`: `fold` validates (None: a refit, all train)."""
+    member = cfg.copy()
+    with open_dict(member):
+        member.data.val_fraction = 1.0 / folds
+        member.data.fold = fold
+        member.paths.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return member
 
 
 def _scores(rows: list[dict]) -> dict:
@@ -277,14 +282,10 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
         for k, r in enumerate(runs)
     ]
     stop = int(np.median(epochs))
-    refit_cfg = cfg.copy()
+    refit_cfg = _member_cfg(cfg, out / "refit", folds, None)  # every development patient trains
     with open_dict(refit_cfg):
-        refit_cfg.data.val_fraction = 1.0 / folds
-        refit_cfg.data.fold = None  # every development patient trains
-        refit_cfg.paths.output_dir = str(out / "refit")
         if "model_checkpoint" in (refit_cfg.get("callbacks") or {}):
             refit_cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor: keep the last epoch
-    (out / "refit").mkdir(parents=True, exist_ok=True)
     print(f"Refit on every development patient: epochs 1 to {stop + 1} (the folds' best epochs: {[e + 1 for e in epochs]})")
     result = fit_and_test(refit_cfg, out / "refit", stop_epoch=stop)
     rows = list(csv.DictReader(open(out / "refit" / "test_predictions.csv")))

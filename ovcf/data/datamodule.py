@@ -213,11 +213,8 @@ class CohortDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         if roi_margin is not None and float(roi_margin) < 0:
             raise ConfigError(f"data.roi_margin={roi_margin}: use mm >= 0 around the body, or null for the fixed roi_spacing")
-        self.roi = RoiSpec(
-            int(roi_size),
-            float(roi_spacing),
-            None if volume_spacing is None else float(volume_spacing),
-            None if roi_margin is None else float(roi_margin),
+        self.roi = RoiSpec.from_settings(
+            {"roi_size": roi_size, "roi_spacing": roi_spacing, "roi_margin": roi_margin}, volume_spacing
         )
         self.checks = IngestChecks.from_config(ingest)
         self.n_folds = max(2, int(round(1 / val_fraction)))

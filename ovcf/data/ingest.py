@@ -56,6 +56,18 @@ class RoiSpec:
     volume_spacing: float | None = 2.0
     margin: float | None = None
 
+    @classmethod
+    def from_settings(cls, data: dict, volume_spacing: float | None = None) -> RoiSpec:
+        """The ROI of a data module's settings (`roi_size`, `roi_spacing`, `roi_margin`): what a run
+        was trained on, so evaluate, predict and the sign ablation cut the same cubes."""
+        margin = data.get("roi_margin")
+        return cls(
+            int(data["roi_size"]),
+            float(data["roi_spacing"]),
+            None if volume_spacing is None else float(volume_spacing),
+            None if margin is None else float(margin),
+        )
+
     def spacing_for(self, voxels: np.ndarray | None, volume: Volume) -> float:
         """The cube's spacing (mm) for a body given by its voxel indices."""
         if self.margin is None or voxels is None or not len(voxels):

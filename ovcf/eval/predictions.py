@@ -94,7 +94,7 @@ def external_dataset(hp: dict, cohort: Path, predicted_masks: str | None, worker
                 f"(python -m ovcf.segment ckpt=<segmenter.ckpt> cohort={cohort}) and pass predicted_masks=<that folder>"
             )
         masks = predicted_masks
-    roi = RoiSpec(int(hp["roi_size"]), float(hp["roi_spacing"]), None, hp.get("roi_margin"))
+    roi = RoiSpec.from_settings(hp)
     cache = ingest(
         check_cohort(Path(cohort)),
         hp["cache_dir"],

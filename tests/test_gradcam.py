@@ -1,5 +1,5 @@
-"""Grad-CAM: every model family gets a map on the ROI grid, and a model that learned a planted
-condensation band looks at the band."""
+"""Grad-CAM: every model family gets a map on the ROI grid from the layer and in the way its encoder
+declares, and a model that learned a planted condensation band looks at the band."""
 
 from __future__ import annotations
 
@@ -8,23 +8,32 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_params
+from torch import nn
 from torch.utils.data import DataLoader
 
+from ovcf.data.ct import IngestChecks
 from ovcf.data.datamodule import load_samples
-from ovcf.data.ingest import IngestChecks, RoiSpec, ingest, read_index
-from ovcf.eval.gradcam import gradcam, overlay_figure, region_ratio, target
+from ovcf.data.ingest import ingest, read_index
+from ovcf.data.roi import RoiSpec
+from ovcf.errors import ConfigError
+from ovcf.eval.gradcam import CamEncoder, candidates, gradcam, overlay_figure, region_ratio, target
+from ovcf.eval.metrics import binary_metrics
+from ovcf.models import create_model, list_models
 from ovcf.tasks import ClassificationTask
-from ovcf.tasks.classification import binary_metrics
 
+# At a 32^3 ROI: the layer Grad-CAM takes (the deepest with >= 3 cells per side), and how its map covers the cube:
+# "sagittal" (2.5D: one plane map copied over the slab of sagittal planes the net saw, zero elsewhere), "3d" (a 3D map
+# resized to the cube), "slices" (one map per encoded slice, repeated over the slice_step=2 slices it stands for).
 FAMILIES = {
-    "densenet121": ("features.denseblock", "sagittal"),
-    "vgg16": ("features.", "sagittal"),
-    "vit": ("patch_embed.proj", "sagittal"),
-    "densenet121_3d": ("features.denseblock", "3d"),
-    "vgg16_3d": ("features.", "3d"),
-    "vit_3d": ("patch_embedding", "3d"),
-    "transformer": ("encoder.", "slices"),
+    "densenet121": ("task.net.net.features.denseblock2", "sagittal"),
+    "vgg16": ("task.net.net.features.32", "sagittal"),
+    "vit": ("task.net.net.patch_embed.proj", "sagittal"),
+    "densenet121_3d": ("task.net.net.features.denseblock2", "3d"),
+    "vgg16_3d": ("task.net.features.32", "3d"),
+    "vit_3d": ("task.net.vit.patch_embedding.patch_embeddings", "3d"),
+    "transformer": ("task.net.encoder.17", "slices"),
 }
+SLAB = slice(11, 22)  # the 2.5D default, 5 planes 2 voxels apart around x = 16, each covering its neighbours
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -33,14 +42,42 @@ def test_every_family_maps_onto_the_roi(name):
     kwargs = {"img_size": 32} if name in ("vit", "vit_3d") else {}
     task = ClassificationTask(name, kwargs, clinical=True).eval()
     images = torch.rand(2, 1, 32, 32, 32)
-    layer, layout = target(task, images)
-    part, expected = FAMILIES[name]
-    assert part in layer and layout == expected
+    layer, view = FAMILIES[name]
+    assert target(task, images) == layer
     cam = gradcam(task, images, torch.zeros(2, 3))
-    assert cam.shape == (2, 32, 32, 32) and cam.min() >= 0 and cam.max() <= 1
+    assert cam.shape == (2, 32, 32, 32) and cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
     assert not task.training  # MONAI's hooks leave the model as they found it
-    if layout == "sagittal":  # a 2.5D net saw only the central slab of sagittal planes
-        assert cam[:, 0].max() == 0 and cam[:, -1].max() == 0
+    if view == "sagittal":  # a 2.5D net saw only the central slab of sagittal planes: nothing elsewhere
+        assert cam[:, : SLAB.start].max() == 0 and cam[:, SLAB.stop :].max() == 0
+        assert (cam[:, SLAB] == cam[:, 16:17]).all()  # the same plane map on every plane of the slab
+    elif view == "slices":  # every second sagittal slice was encoded and stands for the next one too
+        assert (cam[:, 0::2] == cam[:, 1::2]).all() and np.ptp(cam[:, 0::2], axis=1).max() > 0
+    else:  # a 3D map varies along every axis, the sagittal one included
+        assert np.ptp(cam, axis=1).max() > 0 and np.ptp(cam, axis=3).max() > 0
+
+
+@pytest.mark.parametrize("name", list_models("classification"))
+def test_every_registered_classifier_declares_its_layers(name):
+    """A new network gets Grad-CAM by declaring its layers: they must exist, shallow to deep."""
+    kwargs = {"img_size": 32} if name in ("vit", "vit_3d", "swin") else {}
+    net = create_model(name, task="classification", **kwargs)
+    assert isinstance(net, CamEncoder)
+    names, modules = net.cam_layers(), [n for n, _ in net.named_modules()]
+    assert names and all(n in modules for n in names)
+    assert [modules.index(n) for n in names] == sorted(modules.index(n) for n in names)
+
+
+def test_a_network_without_cam_layers_is_named():
+    class Bare(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :4]
+
+    task = ClassificationTask("transformer", {"channels": [4], "dim": 8, "heads": 2})
+    task.net = Bare()  # an encoder that says nothing about Grad-CAM
+    with pytest.raises(ConfigError, match=r"Grad-CAM .* Bare \(transformer\).*cam_layers"):
+        candidates(task)
+    with pytest.raises(ConfigError, match=r"Bare \(transformer\)"):
+        gradcam(task, torch.rand(1, 1, 8, 8, 8))
 
 
 def _rows(cache):

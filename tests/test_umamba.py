@@ -9,7 +9,7 @@ import torch
 from conftest import fit_losses
 
 from ovcf.errors import ConfigError
-from ovcf.models.registry import create_model
+from ovcf.models.registry import create_model, fit_to_patch
 from ovcf.models.umamba import UMamba, selective_scan, selective_scan_reference
 
 SMALL = (8, 16, 32, 64)
@@ -88,6 +88,13 @@ def test_bad_size_names_size_and_rule():
     net = UMamba(features=SMALL)
     with pytest.raises(ConfigError, match=r"\(30, 32, 32\) is not divisible by 2\*\*\(len\(features\)-1\) = 8"):
         net(torch.randn(1, 1, 30, 32, 32))
+
+
+def test_registered_rule_refuses_a_patch_the_stages_cannot_halve():
+    assert fit_to_patch("umamba", {"features": [8, 16, 32]}, [36, 32, 32]) == {"features": [8, 16, 32]}
+    with pytest.raises(ConfigError, match=r"patch_size \[64, 64, 40\] is not divisible by 16 \(2\*\*\(len\(features\)-1\)"):
+        create_model("umamba", input_size=[64, 64, 40], features=[8, 16, 32, 64, 128])
+    assert create_model("umamba", input_size=[64, 64, 32], features=[8, 16, 32, 64, 128]) is not None  # conf/model/umamba
 
 
 def test_unknown_variant():

@@ -99,3 +99,25 @@ def test_learns_a_sphere():
     losses = fit_losses(unetr_pp(img_size=(size,) * 3, **TINY), x, y, steps=20, lr=3e-3)
     print(f"DiceCE {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_task_builds_unetr_pp_for_its_patch_through_the_registered_rule():
+    from ovcf.tasks.segmentation import SegmentationTask
+
+    kwargs = dict(TINY, num_heads=2, proj_size=8)
+    task = SegmentationTask("unetr_pp", kwargs, patch_size=[64, 64, 32])  # img_size unset: the patch size
+    assert task.net.img_size == (64, 64, 32) and "img_size" not in task.hparams.model_kwargs
+    with pytest.raises(ConfigError, match=r"img_size \[32, 32, 32\] differs from patch_size \[64, 64, 32\].*leave img_size"):
+        SegmentationTask("unetr_pp", {"img_size": [32, 32, 32], **kwargs}, patch_size=[64, 64, 32])
+    with pytest.raises(ConfigError, match=r"patch_size \[48, 64, 32\] does not suit UNETR\+\+.*multiples of 32"):
+        SegmentationTask("unetr_pp", kwargs, patch_size=[48, 64, 32])
+
+
+def test_registry_applies_a_network_s_input_size_rule():
+    from ovcf.models.registry import fit_to_patch
+
+    assert fit_to_patch("unetr_pp", {"feature_size": 8}, (32, 64, 32)) == {"feature_size": 8, "img_size": [32, 64, 32]}
+    assert fit_to_patch("densenet121", {"n_slices": 3}, (48, 48, 48)) == {"n_slices": 3}  # no rule: unchanged
+    assert create_model("unetr_pp", input_size=(32, 32, 32), **TINY).img_size == (32, 32, 32)
+    with pytest.raises(ConfigError, match="unknown segmentation model 'unetr'"):
+        fit_to_patch("unetr", {}, (32, 32, 32), task="segmentation")

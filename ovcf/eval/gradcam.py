@@ -1,17 +1,9 @@
 """Grad-CAM heatmaps of the acute logit, brought back onto the ROI cube, and their overlays on CT.
 
-MONAI's `GradCAM` computes the map at a target layer; what differs between the model families is
-which layer and how its map returns to the (X, Y, Z) cube:
-
-- 3D CNNs (`densenet121_3d`, `vgg16_3d`): the last convolutional features, upsampled trilinearly.
-- 2.5D CNNs (`vgg16`, `densenet121`): the last 2D features over the sagittal (Y, Z) plane, placed
-  on the slab of sagittal planes the network saw (zero elsewhere: it saw nothing there).
-- ViTs (`vit`, `swin`, `vit_3d`): Grad-CAM at the patch embedding (its output is still a spatial
-  grid of tokens), with the gradient of every transformer block above it; one value per patch.
-  We use this rather than attention rollout because it weighs tokens by their effect on the
-  acute logit, like Grad-CAM for the CNNs, so the maps of all models read the same way.
-- The slice-sequence `transformer`: its 2D slice encoder's last features, one map per encoded
-  slice, stacked along the slice axis.
+MONAI's `GradCAM` computes the map at a target layer. Which layers can serve, and how a map there
+returns to the (X, Y, Z) cube, depends on the network (a 2.5D net saw only a slab of sagittal
+planes, a slice Transformer one map per slice), so each encoder declares both (`CamEncoder`); this
+module only picks the layer, runs Grad-CAM and normalises, and so never changes for a new network.
 
 The maps explain the acute logit: warm regions raised the probability of an acute fracture.
 """
@@ -20,13 +12,26 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ovcf.errors import ConfigError
+
+
+@runtime_checkable
+class CamEncoder(Protocol):
+    """What a classification encoder (`ClassificationTask.net`) declares for Grad-CAM."""
+
+    def cam_layers(self) -> list[str]:
+        """Candidate target layers, shallow to deep, as module names inside the encoder."""
+        ...
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """A map at the chosen layer's resolution (as MONAI's `compute_map` gives it) as (B, X, Y, Z)."""
+        ...
 
 
 class _Logit(nn.Module):
@@ -43,45 +48,28 @@ class _Logit(nn.Module):
 MIN_CELLS = 3  # the coarsest map side allowed: at a 48-voxel ROI, 1/16 resolution (16-voxel cells)
 
 
-def _before_pools(seq: nn.Sequential, prefix: str) -> list[str]:
-    """Names of the activations that end each stage of a VGG-like sequence (the input of each pooling)."""
-    mods = list(seq.named_children())
-    pools = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool2d)
-    return [f"{prefix}.{name}" for (name, _), (_, nxt) in zip(mods, mods[1:]) if isinstance(nxt, pools)]
-
-
-def candidates(task) -> tuple[list[str], str]:
-    """(layer names inside `_Logit`, shallow to deep; layout) of a ClassificationTask's encoder."""
-    from ovcf.models.classifiers import Features3d, SagittalStack, SliceTransformer, VGG3d, ViT3d
-
+def _encoder(task) -> CamEncoder:
+    """The task's encoder, or a ConfigError naming it when it does not declare its Grad-CAM layers."""
     net = task.net
-    if isinstance(net, SagittalStack):
-        inner = net.net
-        if hasattr(inner, "patch_embed"):  # ViT, Swin: the token grid
-            return ["task.net.net.patch_embed.proj"], "sagittal"
-        if hasattr(inner, "features"):
-            blocks = [n for n, _ in inner.features.named_children() if n.startswith("denseblock")]
-            if blocks:  # timm DenseNet
-                return [f"task.net.net.features.{n}" for n in blocks], "sagittal"
-            return _before_pools(inner.features, "task.net.net.features"), "sagittal"  # timm VGG
-    if isinstance(net, Features3d):  # MONAI DenseNet
-        blocks = [n for n, _ in net.net.features.named_children() if n.startswith("denseblock")]
-        return [f"task.net.net.features.{n}" for n in blocks], "3d"
-    if isinstance(net, VGG3d):
-        return _before_pools(net.features, "task.net.features"), "3d"
-    if isinstance(net, ViT3d):
-        return ["task.net.vit.patch_embedding.patch_embeddings"], "3d"
-    if isinstance(net, SliceTransformer):
-        return _before_pools(net.encoder, "task.net.encoder") or [f"task.net.encoder.{len(net.encoder) - 4}"], "slices"
-    raise ConfigError(f"no Grad-CAM target layer is known for {type(net).__name__} ({task.hparams.model_name})")
+    if not isinstance(net, CamEncoder) or not net.cam_layers():
+        raise ConfigError(
+            f"no Grad-CAM target layer is known for {type(net).__name__} ({task.hparams.model_name}): "
+            "its encoder must define cam_layers() and cam_to_cube(raw, shape)"
+        )
+    return net
+
+
+def candidates(task) -> list[str]:
+    """The encoder's candidate layers as names inside `_Logit`, shallow to deep."""
+    return [f"task.net.{name}" for name in _encoder(task).cam_layers()]
 
 
 @torch.no_grad()
-def target(task, images: torch.Tensor) -> tuple[str, str]:
+def target(task, images: torch.Tensor) -> str:
     """The deepest candidate layer whose map still has MIN_CELLS cells per side, as Grad-CAM takes the
-    last convolutional layer where it can (the very last layers of a
-    CNN see a 48-voxel ROI as 1 or 2 cells, too coarse to point at anything), and the layout."""
-    names, layout = candidates(task)
+    last convolutional layer where it can (the very last layers of a CNN see a 48-voxel ROI as 1 or 2
+    cells, too coarse to point at anything)."""
+    names = candidates(task)
     model, shapes, hooks = _Logit(task).eval(), {}, []
 
     def record(name: str):
@@ -99,44 +87,21 @@ def target(task, images: torch.Tensor) -> tuple[str, str]:
         for h in hooks:
             h.remove()
     fine = [n for n in names if n in shapes and min(shapes[n][2:]) >= MIN_CELLS]
-    return (fine[-1] if fine else names[0]), layout
-
-
-def _to_cube(raw: torch.Tensor, layout: str, net, shape: tuple[int, int, int], batch: int) -> torch.Tensor:
-    """A raw (feature-resolution) map as (B, X, Y, Z) on the ROI grid."""
-    x, y, z = shape
-    if layout == "3d":
-        return F.interpolate(raw.float(), size=shape, mode="trilinear", align_corners=False)[:, 0]
-    if layout == "sagittal":
-        plane = F.interpolate(raw.float(), size=(y, z), mode="bilinear", align_corners=False)[:, 0]
-        cube = torch.zeros(batch, x, y, z)
-        half = net.slice_step * (net.n_slices // 2) + net.slice_step // 2
-        lo, hi = max(0, x // 2 - half), min(x, x // 2 + half + 1)
-        cube[:, lo:hi] = plane[:, None]
-        return cube
-    if layout == "slices":
-        axis = net.slice_axis
-        sizes = (x, y, z)
-        in_plane = [s for i, s in enumerate(sizes) if i != axis]
-        maps = F.interpolate(raw.float(), size=tuple(in_plane), mode="bilinear", align_corners=False)[:, 0]
-        maps = maps.reshape(batch, -1, *in_plane)  # (B, S, a, b) with S the encoded slices
-        stacked = F.interpolate(maps[:, None], size=(sizes[axis], *in_plane), mode="nearest")[:, 0]
-        return stacked.movedim(1, 1 + axis)
-    raise ValueError(layout)
+    return fine[-1] if fine else names[0]
 
 
 def gradcam(task, images: torch.Tensor, clinical: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM of the acute logit for a batch of ROI cubes (B, C, X, Y, Z): (B, X, Y, Z), each in [0, 1]."""
     from monai.visualize import GradCAM
 
-    layer, layout = target(task, images)
+    layer = target(task, images)
     cam = GradCAM(_Logit(task).eval(), target_layers=layer)  # MONAI restores the wrapper's mode afterwards
     kwargs = {} if clinical is None or not task.hparams.clinical else {"clinical": clinical}
     with torch.enable_grad(), warnings.catch_warnings():
         # the input needs no gradient; MONAI's hook on the target layer's output is what counts
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         raw = cam.compute_map(images, class_idx=0, **kwargs)
-    cube = _to_cube(raw.detach(), layout, task.net, tuple(images.shape[2:]), images.shape[0])
+    cube = task.net.cam_to_cube(raw.detach(), tuple(images.shape[2:])).cpu()
     flat = cube.reshape(len(cube), -1)
     lo, hi = flat.min(1).values, flat.max(1).values
     cube = (cube - lo[:, None, None, None]) / (hi - lo).clamp(min=1e-8)[:, None, None, None]

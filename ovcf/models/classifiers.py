@@ -5,34 +5,92 @@ exposes `num_features`. 2D networks see the cube as 2.5D: a few sagittal slices 
 stacked as channels, which is how radiologists read a compression fracture (height loss,
 endplates, the band under the endplate). 3D networks see the whole cube. Nothing is ever
 downloaded: `pretrained` needs `weights`, a local file.
+
+Every encoder also says where Grad-CAM should look and how a map there returns to the cube
+(`cam_layers`, `cam_to_cube`), because only the network knows its own layers and what part of the
+cube it saw; `ovcf.eval.gradcam` then needs no knowledge of any family, and a new network adds
+these two methods in its own file:
+
+- CNNs offer the output of each stage (DenseNet's dense blocks, VGG's input of each pooling),
+  shallow to deep; Grad-CAM takes the deepest that is still fine enough to point at something.
+- ViTs and Swin offer their patch embedding: its output is still a spatial grid of tokens and its
+  gradient carries every transformer block above it, one value per patch. Unlike attention
+  rollout, this weighs tokens by their effect on the logit, so all families' maps read the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import DenseNet121, ViT
 from torch import nn
 
 from ovcf.errors import ConfigError
 from ovcf.models.registry import register_model
 
+_POOLS = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool2d)
+
+
+def before_pools(net: nn.Module, path: str = "features") -> list[str]:
+    """Names of the activations that end each stage of the VGG-like sequence `net.<path>`: the input of
+    each pooling, shallow to deep (the stages' last features at full resolution)."""
+    mods = list(net.get_submodule(path).named_children())
+    return [f"{path}.{name}" for (name, _), (_, nxt) in zip(mods, mods[1:]) if isinstance(nxt, _POOLS)]
+
+
+def dense_blocks(net: nn.Module, path: str = "features") -> list[str]:
+    """Names of the dense blocks of the DenseNet sequence `net.<path>`, shallow to deep (timm and MONAI
+    name them alike); each ends a stage before its transition halves the resolution."""
+    return [f"{path}.{name}" for name, _ in net.get_submodule(path).named_children() if name.startswith("denseblock")]
+
+
+def patch_grid(net: nn.Module) -> list[str]:
+    """A timm ViT's or Swin's patch projection: its output is the token grid (see the module docstring)."""
+    return ["patch_embed.proj"]
+
+
+def upsample_cube(raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A 3D network's (B, 1, x, y, z) map, trilinearly resized to the (B, X, Y, Z) cube."""
+    return F.interpolate(raw.float(), size=shape, mode="trilinear", align_corners=False)[:, 0]
+
 
 class SagittalStack(nn.Module):
-    """Feeds `n_slices` sagittal planes, `slice_step` voxels apart around the centre, to a 2D net."""
+    """Feeds `n_slices` sagittal planes, `slice_step` voxels apart around the centre, to a 2D net.
 
-    def __init__(self, net: nn.Module, n_slices: int, slice_step: int):
+    `cam_layers` names the 2D net's Grad-CAM candidates (relative to it, shallow to deep); the factory
+    that builds the net knows them (see `_register_sagittal`).
+    """
+
+    def __init__(self, net: nn.Module, n_slices: int, slice_step: int, cam_layers: list[str]):
         super().__init__()
         self.net, self.n_slices, self.slice_step = net, n_slices, slice_step
         self.num_features = net.num_features
+        self._cam_layers = list(cam_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centre = x.shape[2] // 2
         idx = centre + self.slice_step * (torch.arange(self.n_slices, device=x.device) - self.n_slices // 2)
         planes = x.index_select(2, idx.clamp(0, x.shape[2] - 1))  # (B, C, n, Y, Z)
         return self.net(planes.flatten(1, 2))
+
+    def cam_layers(self) -> list[str]:
+        """Grad-CAM candidates, shallow to deep, as module names inside this encoder."""
+        return [f"net.{name}" for name in self._cam_layers]
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The (B, 1, y, z) map over the sagittal plane, resized and placed on the slab of sagittal planes
+        the network saw; (B, X, Y, Z), zero elsewhere, since nothing there reached the network."""
+        x, y, z = shape
+        plane = F.interpolate(raw.float(), size=(y, z), mode="bilinear", align_corners=False)[:, 0]
+        cube = torch.zeros(raw.shape[0], x, y, z)
+        half = self.slice_step * (self.n_slices // 2) + self.slice_step // 2
+        lo, hi = max(0, x // 2 - half), min(x, x // 2 + half + 1)
+        cube[:, lo:hi] = plane[:, None]
+        return cube
 
 
 def _weights_file(weights: str | None, pretrained: bool) -> Path | None:
@@ -107,10 +165,13 @@ def make_conv_stem(spatial_dims: int, in_channels: int, out_channels: int, patch
     return nn.Sequential(*layers, conv(c_in, out_channels, 1))
 
 
-def _register_sagittal(name: str, arch: str, doc: str, pooled: bool = False, **defaults) -> None:
-    """Registers `name`: timm's `arch` on 2.5D sagittal slices. `defaults` are timm keyword
-    arguments (ROI-sized `img_size`, `patch_size`, `window_size`) that the model config may override;
-    `pooled` replaces the network's pre-logits block by the global average pooling of its head."""
+def _register_sagittal(
+    name: str, arch: str, doc: str, cam: Callable[[nn.Module], list[str]], pooled: bool = False, **defaults
+) -> None:
+    """Registers `name`: timm's `arch` on 2.5D sagittal slices. `cam` gives the built timm net's Grad-CAM
+    candidates (names inside it, shallow to deep). `defaults` are timm keyword arguments (ROI-sized
+    `img_size`, `patch_size`, `window_size`) that the model config may override; `pooled` replaces the
+    network's pre-logits block by the global average pooling of its head."""
 
     def factory(
         in_channels: int = 1,
@@ -129,13 +190,13 @@ def _register_sagittal(name: str, arch: str, doc: str, pooled: bool = False, **d
         if conv_stem:
             proj = net.patch_embed.proj
             net.patch_embed.proj = make_conv_stem(2, proj.in_channels, proj.out_channels, proj.stride[0])
-        return SagittalStack(net, n_slices, slice_step)
+        return SagittalStack(net, n_slices, slice_step, cam(net))
 
     factory.__doc__ = doc
     register_model(name)(factory)
 
 
-_register_sagittal("densenet121", "densenet121", "timm DenseNet-121 on 2.5D sagittal slices.")
+_register_sagittal("densenet121", "densenet121", "timm DenseNet-121 on 2.5D sagittal slices.", dense_blocks)
 _register_sagittal(
     "vgg16",
     "vgg16_bn",
@@ -144,6 +205,7 @@ _register_sagittal(
     The 4096-wide fully connected block is dropped for global average pooling of the last
     convolutions: at ROI size its 7x7 kernel would see one pixel, and it holds 100 M of the 134 M
     parameters, far too many for a few hundred vertebrae.""",
+    before_pools,
     pooled=True,
 )
 _register_sagittal(
@@ -153,6 +215,7 @@ _register_sagittal(
 
     `arch` takes any timm ViT (e.g. `vit_base_patch16_224` for ViT-B); timm resamples a local
     checkpoint's patch and position embeddings to `patch_size` and `img_size`.""",
+    patch_grid,
     img_size=48,
     patch_size=8,
 )
@@ -161,6 +224,7 @@ _register_sagittal(
     "swin_tiny_patch4_window7_224",
     """A timm Swin Transformer (Swin-T) at the ROI size: 2-pixel patches and 3x3 windows give
     24, 12, 6 and 3 tokens per side over the four stages of a 48-pixel plane.""",
+    patch_grid,
     img_size=48,
     patch_size=2,
     window_size=3,
@@ -168,14 +232,24 @@ _register_sagittal(
 
 
 class Features3d(nn.Module):
-    """A 3D network's feature extractor with its `num_features` (the head is the task's)."""
+    """A 3D network's feature extractor with its `num_features` (the head is the task's) and its
+    Grad-CAM candidates `cam_layers` (names inside `net`, shallow to deep), which its factory knows."""
 
-    def __init__(self, net: nn.Module, num_features: int):
+    def __init__(self, net: nn.Module, num_features: int, cam_layers: list[str]):
         super().__init__()
         self.net, self.num_features = net, num_features
+        self._cam_layers = list(cam_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def cam_layers(self) -> list[str]:
+        """Grad-CAM candidates, shallow to deep, as module names inside this encoder."""
+        return [f"net.{name}" for name in self._cam_layers]
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The 3D map, trilinearly resized to the (B, X, Y, Z) cube."""
+        return upsample_cube(raw, shape)
 
 
 @register_model("densenet121_3d")
@@ -192,7 +266,7 @@ def densenet121_3d(
         load_matching(net, path)
     num_features = net.class_layers.out.in_features
     net.class_layers.out = nn.Identity()
-    return Features3d(net, num_features)
+    return Features3d(net, num_features, dense_blocks(net))
 
 
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
@@ -221,6 +295,14 @@ class VGG3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3, 4))
 
+    def cam_layers(self) -> list[str]:
+        """Grad-CAM candidates: the last features of each stage (the input of its pooling), shallow to deep."""
+        return before_pools(self, "features")
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The 3D map, trilinearly resized to the (B, X, Y, Z) cube."""
+        return upsample_cube(raw, shape)
+
 
 @register_model("vgg16_3d")
 def vgg16_3d(in_channels: int = 1, width: float = 0.25, pretrained: bool = False, weights: str | None = None) -> nn.Module:
@@ -241,6 +323,14 @@ class ViT3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.vit(x)
         return tokens.mean(dim=1)
+
+    def cam_layers(self) -> list[str]:
+        """The patch embedding (or the conv stem in its place): its output is the 3D token grid."""
+        return ["vit.patch_embedding.patch_embeddings"]
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """One value per patch, trilinearly resized to the (B, X, Y, Z) cube."""
+        return upsample_cube(raw, shape)
 
 
 @register_model("vit_3d")
@@ -323,6 +413,21 @@ class SliceTransformer(nn.Module):
         tokens = self.encoder(x.flatten(0, 1)).reshape(b, s, -1)
         tokens = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : s + 1]
         return self.norm(self.transformer(tokens)[:, 0])
+
+    def cam_layers(self) -> list[str]:
+        """The slice encoder's last features (the input of its global pooling): one 2D map per encoded slice."""
+        return before_pools(self, "encoder")
+
+    def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The (B * S, 1, a, b) maps of the S encoded slices, each resized to its slice's plane and
+        repeated over the `slice_step` slices it stands for: (B, X, Y, Z)."""
+        axis = self.slice_axis
+        in_plane = [s for i, s in enumerate(shape) if i != axis]
+        n_slices = len(range(0, shape[axis], self.slice_step))  # as forward's [:: slice_step]
+        maps = F.interpolate(raw.float(), size=tuple(in_plane), mode="bilinear", align_corners=False)[:, 0]
+        maps = maps.reshape(-1, n_slices, *in_plane)  # (B, S, a, b)
+        stacked = F.interpolate(maps[:, None], size=(shape[axis], *in_plane), mode="nearest")[:, 0]
+        return stacked.movedim(1, 1 + axis)
 
 
 @register_model("transformer")

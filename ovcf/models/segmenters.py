@@ -1,30 +1,45 @@
 """The U-Net segmenter (MONAI's DynUNet), registered as "unet"; UNETR++ and U-Mamba live in their own modules.
 
 Every segmenter maps one CT channel to per-voxel class logits at the input's size; `ovcf.tasks.SegmentationTask`
-asks for two classes (background, vertebral body) and names the levels by counting (`ovcf.data.instances`).
+asks for two classes (background, vertebral body) and names the levels by counting (`ovcf.data.instances`). Each
+registers the patch sizes it accepts (`input_size`), so a patch that does not suit it fails when the task is built,
+naming the rule, not at the first forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from ovcf.errors import ConfigError
-from ovcf.models.registry import register_model
+from ovcf.models.registry import check_divisible, register_model
 
 # DynUNet arguments that `unet` passes through unchanged; anything else is a config typo.
 _DYNUNET_EXTRAS = ("kernel_size", "upsample_kernel_size", "dropout", "norm_name", "act_name", "res_block", "deep_supr_num")
+STRIDES = (1, 2, 2, 2, 2)
 
 
-@register_model("unet", task="segmentation")
+def fit_to_patch(kwargs: dict, patch_size: list[int]) -> dict:
+    """U-Net's input-size rule (see `ovcf.models.registry.register_model`): every axis of the patch a multiple of the
+    product of `strides`, since a stride-2 stage rounds an odd size up and its upsampling then misses the skip."""
+    try:
+        strides = [int(s) for s in kwargs.get("strides", STRIDES)]
+    except (TypeError, ValueError):
+        return kwargs  # the factory names the bad strides
+    check_divisible(patch_size, math.prod(strides), f"the product of unet strides {strides}: each stage halves it exactly")
+    return kwargs
+
+
+@register_model("unet", task="segmentation", input_size=fit_to_patch)
 def unet(
     in_channels: int = 1,
     out_channels: int = 2,
     spatial_dims: int = 3,
     filters: Sequence[int] = (16, 32, 64, 128, 256),
-    strides: Sequence[int] = (1, 2, 2, 2, 2),
+    strides: Sequence[int] = STRIDES,
     deep_supervision: bool = False,
     **kwargs,
 ) -> nn.Module:
@@ -33,7 +48,7 @@ def unet(
     nnU-Net's 3d_fullres uses 32..320 filters and six stages; (16, 32, 64, 128, 256) halves the widths and drops a stage
     so 64^3 patches train on a laptop, and is still what the task's tests learn from. Kernels are 3 at every stage and
     each upsampling undoes its stage's stride, so spatial sizes must be divisible by the product of `strides` (16 by
-    default), which sliding-window inference guarantees by feeding patch-sized windows.
+    default), which sliding-window inference guarantees by feeding patch-sized windows (`fit_to_patch` checks the patch).
 
     Args:
         in_channels: input channels (CT: 1).

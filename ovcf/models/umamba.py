@@ -18,7 +18,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from ovcf.errors import ConfigError
-from ovcf.models.registry import register_model
+from ovcf.models.registry import check_divisible, register_model
 
 try:  # the fused kernel is optional: it needs CUDA and a compiled extension
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _kernel_scan
@@ -26,6 +26,7 @@ except (ImportError, OSError):
     _kernel_scan = None
 
 VARIANTS = ("bot", "enc")
+FEATURES = (16, 32, 64, 128, 256)
 _NORM = "instance"
 _ACT = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
 
@@ -234,7 +235,7 @@ class UMamba(nn.Module):
         spatial_dims: int = 3,
         in_channels: int = 1,
         out_channels: int = 2,
-        features: tuple[int, ...] = (16, 32, 64, 128, 256),
+        features: tuple[int, ...] = FEATURES,
         variant: str = "bot",
         deep_supervision: bool = False,
         blocks_per_stage: int = 2,
@@ -289,12 +290,23 @@ class UMamba(nn.Module):
         return [head(out) for head, out in zip(self.heads, reversed(outs))]
 
 
-@register_model("umamba", task="segmentation")
+def fit_to_patch(kwargs: dict, patch_size: list[int]) -> dict:
+    """U-Mamba's input-size rule (see `ovcf.models.registry.register_model`): the patch must pass `UMamba.forward`'s
+    check, every axis a multiple of 2**(len(features)-1), so a config that cannot train fails when it is built."""
+    try:
+        factor = 2 ** (len(kwargs.get("features", FEATURES)) - 1)
+    except TypeError:
+        return kwargs  # UMamba names the bad features
+    check_divisible(patch_size, factor, "2**(len(features)-1): each stage halves it exactly")
+    return kwargs
+
+
+@register_model("umamba", task="segmentation", input_size=fit_to_patch)
 def umamba(
     in_channels: int = 1,
     out_channels: int = 2,
     spatial_dims: int = 3,
-    features: tuple[int, ...] = (16, 32, 64, 128, 256),
+    features: tuple[int, ...] = FEATURES,
     variant: str = "bot",
     d_state: int = 16,
     **kwargs,

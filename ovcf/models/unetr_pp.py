@@ -3,7 +3,8 @@
 Global attention over every voxel of a CT patch is too costly, so UNETR++ pairs two cheap attentions on shared queries and keys:
 a spatial one whose keys and values are squeezed from N tokens to `proj_size` tokens (cost linear in N), and a channel one
 that attends across feature maps (cost independent of N). The squeeze is a Linear over the token axis, so each stage is built
-for one token count: the network accepts exactly `img_size` patches, which is what sliding-window inference feeds it.
+for one token count: the network accepts exactly `img_size` patches, which is what sliding-window inference feeds it,
+so it registers that rule (`fit_to_patch`): built for a patch size, `img_size` is that size.
 
 Written from the paper; where the paper is silent we follow the authors' released configuration (shared E/F projection,
 layer scale, learned position embeddings, BatchNorm inside the conv blocks, additive skips, a conv-only last decoder stage).
@@ -236,7 +237,28 @@ class UNETRPP(nn.Module):
         return logits
 
 
-@register_model("unetr_pp", task="segmentation")
+def fit_to_patch(kwargs: dict, patch_size: list[int]) -> dict:
+    """UNETR++'s input-size rule (see `ovcf.models.registry.register_model`): built for `img_size` alone, it must be
+    built for the patch (training patches and sliding windows alike), so `img_size` defaults to `patch_size` and must
+    equal it, with every axis a multiple of 32."""
+    given = kwargs.get("img_size", patch_size)
+    try:
+        same = [int(s) for s in given] == list(patch_size)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(
+            f"unetr_pp img_size {given} differs from patch_size {patch_size}: UNETR++ only accepts img_size inputs, "
+            "and sliding windows are patch_size; leave img_size unset"
+        )
+    try:
+        size = _check_img_size(patch_size)
+    except ConfigError as err:
+        raise ConfigError(f"patch_size {patch_size} does not suit UNETR++: {err}") from err
+    return {**kwargs, "img_size": list(size)}
+
+
+@register_model("unetr_pp", task="segmentation", input_size=fit_to_patch)
 def unetr_pp(
     in_channels: int = 1,
     out_channels: int = 2,

@@ -29,10 +29,7 @@ test: setup browser
 	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 bench: setup
-	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_synth
-	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_ingest
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench
-	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench_seg --precision fp32 --steps 5
 
 lint: setup
 	$(BIN)/ruff check ovcf tests

@@ -1,4 +1,5 @@
-"""What every `python -m ovcf.X` entry point shares: where the configs are, and one-line errors.
+"""What every `python -m ovcf.X` entry point shares: the config folder, the Hydra tail, one-line
+errors, the device choice and the cohort to read.
 
 Hydra reports an unknown config option (`model=foo`) with a long listing and a traceback hint,
 and wraps errors raised inside `instantiate`; users get instead one line that names the problem
@@ -11,7 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 from ovcf.errors import OvcfError
+from ovcf.synth.cohort import synthetic_cohort
 
 
 def config_dir() -> str:
@@ -54,3 +59,46 @@ def guarded(fn: Callable, *args, **kwargs):
         if cause is None:
             raise
         fail(str(cause))
+
+
+def hydra_main(config_name: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
+    """The `main()` of an entry point: checks `group=option` overrides, composes `conf/<config_name>.yaml`
+    with the command line, and runs `fn(cfg)` with one-line errors; returns what `fn` returns (the
+    optimized metric, for Hydra's sweepers)."""
+
+    def task(cfg: DictConfig):
+        return guarded(fn, cfg)
+
+    task.__wrapped__ = fn  # Hydra names the job (and its log file) after the module that defines `fn`
+    wrapped = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+
+    def main():
+        check_overrides(sys.argv[1:])
+        return wrapped()
+
+    return main
+
+
+def device(choice: str) -> str:
+    """`auto`: CUDA when a GPU is visible, else the CPU; anything else as given (cpu, cuda, cuda:1)."""
+    if choice != "auto":
+        return choice
+    import torch  # only when a command needs a device: the CLI helpers load without it
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_cohort(cfg: DictConfig) -> None:
+    """Points `cfg.data.cohort` at a cohort folder: the user's, or the built-in synthetic cohort of
+    `cfg.data.synthetic`, generated into `paths.data_dir` on first use and reused after.
+
+    The entry point decides this, not the data module, so reading data never starts the
+    generator. With a user's cohort, `data.synthetic` becomes null: the run records no generator.
+    """
+    data = cfg.data
+    with open_dict(data):
+        if data.cohort is not None:
+            data.synthetic = None
+            return
+        params = OmegaConf.to_container(data.synthetic, resolve=True)
+        data.cohort = str(synthetic_cohort(Path(cfg.paths.data_dir), params, data.ingest_workers, data.progress))

@@ -13,18 +13,17 @@ the run's external center.
 from __future__ import annotations
 
 import json
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import device, hydra_main
 from ovcf.errors import ConfigError
+from ovcf.eval.external import Scoring
+from ovcf.eval.metrics import buderer_sample_size
+from ovcf.inference.validation import evaluate
 
 
 def sample_size(cfg: DictConfig) -> dict:
-    from ovcf.eval.metrics import buderer_sample_size
-
     try:
         n = buderer_sample_size(cfg.sensitivity, cfg.specificity, cfg.error, cfg.alpha, cfg.prevalence)
     except ValueError as exc:
@@ -44,18 +43,13 @@ def run(cfg: DictConfig):
         return sample_size(cfg)
     if not cfg.run:
         raise ConfigError("pass run=DIR: a python -m ovcf.train classification run folder, or a sweep folder")
-    import torch
-
-    from ovcf.eval.external import Scoring, evaluate
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = evaluate(
         cfg.run,
         cfg.out,
         cfg.cohort,
         cfg.predicted_masks,
         Scoring(cfg.threshold.rule, cfg.threshold.sensitivity, cfg.ci, cfg.n_boot, cfg.seed, cfg.alpha),
-        device,
+        device(cfg.device),
         cfg.batch_size,
         cfg.workers,
         cfg.progress,
@@ -70,11 +64,7 @@ def run(cfg: DictConfig):
     return json.loads((out / "metrics.json").read_text())
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
-def main(cfg: DictConfig):
-    return guarded(run, cfg)
-
+main = hydra_main("evaluate", run)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

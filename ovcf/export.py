@@ -2,297 +2,22 @@
 
 A trained system is more than a checkpoint: the segmenter that finds the bodies, the classifier (or
 the fold models of a cross-validation run, averaged), the operating threshold frozen on validation,
-and the preprocessing the models were trained with (ROI, HU window, ingest checks). `export_system`
-writes all of it into one versioned folder, laid out like a MONAI bundle, that `python -m
-ovcf.predict system=DIR` loads with no Hydra run folder around it:
-
-    configs/metadata.json   MONAI-bundle-style metadata (versions, task, data formats) + models, threshold, metrics
-    configs/inference.json  what predict needs: preprocessing, threshold, model files
-    models/segmenter.ckpt   the segmenter (weights and hyper-parameters; optimizer state dropped)
-    models/classifier*.ckpt one per classifier model (`classifier_fold_<k>.ckpt` for a CV run)
-    docs/README.md          how to run it
-
-The threshold is read from `<evaluation>/metrics.json` (what `python -m ovcf.evaluate` froze for this
-run) when given; otherwise it is chosen exactly as evaluate does, from the run's validation predictions.
+and the preprocessing the models were trained with. `ovcf.inference.system.export_system` writes all
+of it into one versioned folder, laid out like a MONAI bundle, that `python -m ovcf.predict
+system=DIR` loads with no Hydra run folder around it. With `evaluation=`, the threshold is the one
+`python -m ovcf.evaluate` froze for this run; otherwise it is chosen as evaluate does.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from ovcf.cli import check_overrides, config_dir, guarded
-from ovcf.errors import ConfigError, OvcfError
-
-SYSTEM_FORMAT = 1  # bumped when predict can no longer read older folders
-METADATA = Path("configs") / "metadata.json"
-INFERENCE = Path("configs") / "inference.json"
-DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")  # training state predict never needs
-PREPROCESSING_KEYS = ("roi_size", "roi_spacing", "roi_margin", "hu_window", "in_channels", "volume_spacing", "roi_source")
-
-
-def _slim_checkpoint(src: Path, dst: Path) -> None:
-    """Copies a Lightning checkpoint without its optimizer and loop state (a third of the size)."""
-    raw = torch.load(src, map_location="cpu", weights_only=False)
-    for key in DROPPED:
-        raw.pop(key, None)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(raw, dst)
-
-
-def _summary(metrics: dict | None) -> dict | None:
-    """The point values of a `diagnostic_metrics` table (AUC with its CI, the rates, n)."""
-    if not metrics:
-        return None
-    out = {"n": metrics.get("n"), "n_acute": metrics.get("n_acute")}
-    for name in ("auc", "sensitivity", "specificity", "accuracy", "ppv", "npv"):
-        if isinstance(metrics.get(name), dict):
-            out[name] = {k: metrics[name][k] for k in ("value", "low", "high") if k in metrics[name]}
-    return out
-
-
-def _from_evaluation(evaluation: Path, run: Path) -> dict:
-    """The threshold and metrics `python -m ovcf.evaluate` wrote for `run` into `<evaluation>/metrics.json`."""
-    path = Path(evaluation).expanduser() / "metrics.json"
-    if not path.is_file():
-        raise ConfigError(f"evaluation={evaluation}: no metrics.json there; pass the folder python -m ovcf.evaluate wrote")
-    report = json.loads(path.read_text())
-    for label, entry in report.get("models", {}).items():
-        if entry.get("run") and Path(entry["run"]).expanduser().resolve() == run.resolve():
-            return {
-                "label": label,
-                "threshold": entry["threshold"],
-                "rule": report.get("threshold_rule", entry["threshold"].get("rule")),
-                "val": entry.get("val"),
-                "test": entry.get("test"),
-                "external": report.get("external"),
-                "source": str(path),
-            }
-    runs = ", ".join(str(e.get("run")) for e in report.get("models", {}).values())
-    raise ConfigError(f"{path} holds no model of classifier={run} (it scored: {runs}); evaluate that run first")
-
-
-def _from_validation(run: Path, rule: str, sensitivity: float | None, device: str, progress: bool) -> dict:
-    """The threshold evaluate would freeze: its own functions on the run's out-of-fold validation predictions."""
-    from ovcf.eval.external import Scoring, evaluate_predictions
-    from ovcf.eval.predictions import run_predictions
-
-    preds = run_predictions(run, device=device, progress=progress)
-    scored = evaluate_predictions(preds["val"], preds["test"], Scoring(rule, sensitivity))
-    return {
-        "label": None,
-        "threshold": scored["threshold"],
-        "rule": rule if rule != "sensitivity" else f"sensitivity >= {sensitivity}",
-        "val": scored["val"],
-        "test": scored["test"],
-        "external": preds["external"],
-        "source": "validation predictions of the run (as python -m ovcf.evaluate)",
-    }
-
-
-def _data_hash(hp: dict) -> str | None:
-    """The ingest cache's fingerprint of the cohort the classifier was trained on, if that cache is still there."""
-    try:
-        from ovcf.data.datamodule import CohortDataModule
-        from ovcf.data.ingest import cache_fingerprint, cache_folder, check_cohort
-
-        dm = CohortDataModule(**{k: v for k, v in hp.items() if k != "augment"})
-        masks = Path(hp["predicted_masks"]).expanduser().resolve() if hp.get("roi_source") == "predicted" else None
-        return cache_fingerprint(cache_folder(check_cohort(dm.cohort_path), Path(hp["cache_dir"]), dm.roi, masks))
-    except (OvcfError, OSError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _preprocessing(members_hp: list[dict], seg_settings: dict) -> dict:
-    """ROI, HU window, channels and ingest checks, identical for every classifier model (else an error)."""
-    from ovcf.data.ingest import IngestChecks
-
-    first = {k: members_hp[0].get(k) for k in PREPROCESSING_KEYS}
-    for hp in members_hp[1:]:
-        other = {k: hp.get(k) for k in PREPROCESSING_KEYS}
-        if other != first:
-            raise ConfigError(f"the fold models were trained with different preprocessing ({first} vs {other}); retrain the run")
-    checks = IngestChecks.from_config(members_hp[0].get("ingest"))  # validates and fills the defaults
-    return {
-        "roi_size": int(first["roi_size"] or 48),
-        "roi_spacing": float(first["roi_spacing"] or 1.25),
-        "roi_margin": None if first.get("roi_margin") is None else float(first["roi_margin"]),
-        "hu_window": [float(v) for v in (first["hu_window"] or (-250.0, 1250.0))],
-        "in_channels": int(first["in_channels"] or 1),
-        "roi_source": first["roi_source"] or "given",
-        "volume_spacing": float(seg_settings["spacing"]),
-        "segmenter_hu_window": [float(v) for v in seg_settings["hu_window"]],
-        "ingest": asdict(checks),
-    }
-
-
-def export_system(
-    classifier_run: Path,
-    segmenter_ckpt: Path,
-    out: Path,
-    evaluation: Path | None = None,
-    *,
-    rule: str = "youden",
-    sensitivity: float | None = None,
-    version: str = "1.0.0",
-    device: str = "cpu",
-    progress: bool = False,
-) -> Path:
-    """Writes the system (segmenter, classifier model(s), frozen threshold, preprocessing) into `out`.
-
-    Args:
-        classifier_run: a finished `python -m ovcf.train` classification run (one model, `fold_<k>/` models, or
-            a `cv.test=refit` run, whose refit model is the one exported).
-        segmenter_ckpt: the chosen `task=segmentation` checkpoint.
-        out: the folder to write; replaced when it exists (written beside it first, so a crash leaves the old one).
-        evaluation: `python -m ovcf.evaluate`'s output folder holding this run: its frozen threshold and metrics
-            are used. None: the threshold is chosen from the run's validation predictions by `rule`.
-        rule, sensitivity: the threshold rule without `evaluation` (youden, sensitivity with its target, fixed).
-        version: the system's version in `metadata.json`.
-
-    Returns:
-        `out`.
-    """
-    from ovcf.eval.predictions import load_classifier, run_members
-    from ovcf.segment import load_segmenter
-
-    run, out = Path(classifier_run).expanduser(), Path(out).expanduser()
-    members = run_members(run)
-    hps, results = [], json.loads((run / "results.json").read_text())
-    for _, ckpt in members:
-        _, hp = load_classifier(ckpt, "cpu")
-        hps.append(hp)
-    seg_task, seg_settings = load_segmenter(segmenter_ckpt, "cpu")
-    pre = _preprocessing(hps, seg_settings)
-    chosen = _from_evaluation(Path(evaluation), run) if evaluation else _from_validation(run, rule, sensitivity, device, progress)
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _slim_checkpoint(Path(segmenter_ckpt).expanduser(), tmp / "models" / "segmenter.ckpt")
-    classifiers = []
-    for fold, ckpt in members:
-        name = "classifier.ckpt" if fold in (None, "refit") else f"classifier_fold_{fold}.ckpt"
-        _slim_checkpoint(ckpt, tmp / "models" / name)
-        classifiers.append({"file": f"models/{name}", "fold": fold})
-    threshold = {**chosen["threshold"], "value": float(chosen["threshold"]["value"])}
-    inference = {
-        "format": SYSTEM_FORMAT,
-        "version": version,
-        "segmenter": {"file": "models/segmenter.ckpt", "model": seg_task.hparams.model_name},
-        "classifier": {"model": results.get("model"), "members": classifiers, "combine": "mean probability"},
-        "threshold": threshold,
-        "preprocessing": pre,
-    }
-    meta = _metadata(version, results, seg_task, pre, threshold, chosen, hps[0], len(members))
-    (tmp / "configs").mkdir(parents=True, exist_ok=True)
-    (tmp / INFERENCE).write_text(json.dumps(inference, indent=2))
-    (tmp / METADATA).write_text(json.dumps(meta, indent=2))
-    (tmp / "docs").mkdir(exist_ok=True)
-    (tmp / "docs" / "README.md").write_text(_readme(meta, inference))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
-
-
-def _roi_words(pre: dict) -> str:
-    if pre.get("roi_margin") is None:
-        return f"{pre['roi_spacing']:g} mm"
-    return f"the body's extent plus {pre['roi_margin']:g} mm on each side"
-
-
-def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members) -> dict:
-    """MONAI bundle metadata (its schema's keys) plus what ovcf adds: models, threshold, metrics, data hash."""
-    from ovcf.eval.report import PACKAGES, versions
-
-    found = versions((*PACKAGES, "highdicom", "nibabel"))
-    size = pre["roi_size"]
-    return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": version,
-        "changelog": {version: "exported by python -m ovcf.export"},
-        "monai_version": found.get("monai"),
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": found.get("numpy"),
-        "optional_packages_version": {
-            p: found.get(p) for p in ("lightning", "timm", "torchio", "pydicom", "highdicom", "nibabel", "ovcf")
-        },
-        "required_packages_version": {"ovcf": found.get("ovcf")},
-        "name": "ovcf acute vs chronic OVCF",
-        "task": "Acute vs chronic osteoporotic vertebral compression fracture from CT (segmentation, then classification)",
-        "description": (
-            f"Vertebral bodies are segmented per level by a {seg_task.hparams.model_name} on the CT at "
-            f"{pre['volume_spacing']:g} mm; each fractured level's {size}-voxel ROI of {_roi_words(pre)} is "
-            f"classified by {results.get('model')} ({n_members} model(s), probabilities averaged) and called acute at "
-            f"probability >= {threshold['value']:.4f} ({chosen['rule']}, frozen on validation)."
-        ),
-        "authors": "ovcf",
-        "copyright": "Copyright (c) the ovcf authors",
-        "data_source": f"cohort {hp.get('cohort') or 'synthetic (ovcf.synth)'}; development center "
-        f"{(results.get('centers') or {}).get('dev')}, external center {(results.get('centers') or {}).get('external')}",
-        "data_type": "dicom",
-        "image_classes": "CT in Hounsfield units, windowed to [0, 1]",
-        "label_classes": "0 chronic, 1 acute (bone-marrow oedema on MRI)",
-        "pred_classes": "probability of acute",
-        "intended_use": "research only; not a medical device",
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": pre["in_channels"],
-                    "spatial_shape": [size, size, size],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "CT", **({"1": "vertebral body mask"} if pre["in_channels"] == 2 else {})},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "probabilities",
-                    "format": "classification",
-                    "num_channels": 1,
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": False,
-                    "channel_def": {"0": "acute"},
-                }
-            },
-        },
-        "models": {
-            "segmenter": {"model": seg_task.hparams.model_name, "file": "models/segmenter.ckpt"},
-            "classifier": {"model": results.get("model"), "members": n_members, "run_seed": results.get("seed")},
-        },
-        "threshold": threshold["value"],
-        "threshold_rule": chosen["rule"],
-        "threshold_source": chosen["source"],
-        "validation_metrics": _summary(chosen["val"]),
-        "external_metrics": _summary(chosen["test"]),
-        "external": chosen["external"],
-        "data_hash": results.get("data_hash") or _data_hash(hp),
-        "ovcf_format": SYSTEM_FORMAT,
-        "python_version": found["python"],
-    }
-
-
-def _readme(meta: dict, inference: dict) -> str:
-    return (
-        f"# {meta['name']} {meta['version']}\n\n{meta['description']}\n\n"
-        "Run it on a patient's DICOM export (or a folder of many patients, or a NIfTI CT):\n\n"
-        "```bash\npython -m ovcf.predict system=<this folder> input=DICOM_DIR output=OUT_DIR\n```\n\n"
-        f"Threshold {inference['threshold']['value']:.4f} ({meta['threshold_rule']}). {meta['intended_use']}.\n"
-    )
+from ovcf.cli import device, hydra_main
+from ovcf.errors import ConfigError
+from ovcf.inference.system import METADATA, export_system
 
 
 def run(cfg: DictConfig) -> Path:
@@ -300,7 +25,6 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(
             "pass classifier=RUN (a classification run folder), segmenter=CKPT (a segmentation checkpoint) and out=DIR"
         )
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = export_system(
         Path(cfg.classifier),
         Path(cfg.segmenter),
@@ -309,7 +33,7 @@ def run(cfg: DictConfig) -> Path:
         rule=cfg.threshold.rule,
         sensitivity=cfg.threshold.sensitivity,
         version=str(cfg.version),
-        device=device,
+        device=device(cfg.device),
         progress=cfg.progress,
     )
     meta = json.loads((out / METADATA).read_text())
@@ -319,11 +43,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
-def main(cfg: DictConfig):
-    return guarded(run, cfg)
-
+main = hydra_main("export", run)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

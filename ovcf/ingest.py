@@ -7,15 +7,15 @@ team look at what their export yields (who is excluded and why) before training 
 from __future__ import annotations
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import hydra_main, resolve_cohort
 
 
 def ingest(cfg: DictConfig) -> dict:
+    resolve_cohort(cfg)  # without cohort=, the built-in synthetic cohort (generated once, as ovcf.train does)
     dm = hydra.utils.instantiate(cfg.data)  # the same DataModule config as ovcf.train: the same cache
     dm.prepare_data()
     flow = json.loads((dm.cache / "flow.json").read_text())
@@ -36,11 +36,7 @@ def ingest(cfg: DictConfig) -> dict:
     return flow
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="ingest")
-def main(cfg: DictConfig) -> None:
-    guarded(ingest, cfg)
-
+main = hydra_main("ingest", ingest)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

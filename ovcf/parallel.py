@@ -1,8 +1,8 @@
-"""Process pools for per-patient work (phantom rendering, DICOM ingest), with a progress bar.
+"""Process pools for per-patient work (phantom rendering, DICOM ingest), and the progress bar.
 
 Workers start from a fresh interpreter (forkserver): forking a process whose torch/OpenMP
 threads are running can deadlock the child. Each worker keeps to one thread so that N workers
-use N cores.
+use N cores. The bar is rich's, and also works in CI logs (no TTY) or switched off.
 """
 
 from __future__ import annotations
@@ -11,8 +11,24 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
-from ovcf.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+
+
+def track(items: Iterable[T], total: int, description: str, enabled: bool = True) -> Iterator[T]:
+    """Yields `items`, drawing a bar with count and elapsed time when `enabled`."""
+    if not enabled:
+        yield from items
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
 
 
 def _one_thread() -> None:

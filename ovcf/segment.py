@@ -14,142 +14,60 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import hydra
 import nibabel as nib
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import device, hydra_main, resolve_cohort
 from ovcf.contract import LEVEL_IDS
-from ovcf.errors import CohortError, ConfigError
-from ovcf.progress import track
+from ovcf.data.ct import IngestChecks, read_ct
+from ovcf.data.ingest import read_index
+from ovcf.data.volume import load_nifti, mask_on_ct
+from ovcf.errors import ConfigError
+from ovcf.eval.metrics import dice, label_dice, matched_dice
+from ovcf.inference.models import load_segmenter, segment_ct, segment_volume, to_ct_grid
+from ovcf.parallel import track
 
 NAMES = {verse: level for level, verse in LEVEL_IDS.items()}
 
 
-def load_segmenter(ckpt: str | Path, device: str = "cpu"):
-    """The SegmentationTask of a checkpoint, and the data settings it was trained with (HU window, spacing)."""
-    from ovcf.tasks import SegmentationTask
-
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt={ckpt}: no such checkpoint; pass the best checkpoint of a task=segmentation run")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if not {"model_name", "min_body_ml", "region_slab"} <= set(raw.get("hyper_parameters", {})):
-        raise ConfigError(f"{path} is not a segmentation checkpoint of this ovcf version (train one with task=segmentation)")
-    task = SegmentationTask.load_from_checkpoint(path, map_location=device)
-    task.eval()
-    data = raw.get("datamodule_hyper_parameters", {})
-    return task, {
-        "hu_window": tuple(data.get("hu_window", (-250.0, 1250.0))),
-        "spacing": float(data.get("volume_spacing") or 2.0),
-    }
-
-
-def to_ct_grid(labels: np.ndarray, labels_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
-    """Nearest-neighbour copy of a label map onto the CT's voxels (both RAS affines); outside it, 0."""
-    from scipy import ndimage
-
-    to_labels = np.linalg.inv(labels_affine) @ ct_affine  # CT voxel index -> label voxel index
-    return ndimage.affine_transform(
-        np.asarray(labels, np.uint8),
-        to_labels[:3, :3],
-        offset=to_labels[:3, 3],
-        output_shape=tuple(int(n) for n in ct_shape),
-        order=0,
-        mode="constant",
-        cval=0,
-        prefilter=False,
-    )
-
-
-def predict(task, image_hu: np.ndarray, spacing: float, hu_window) -> tuple[np.ndarray, object]:
-    """VerSe ids on the resampled grid of one CT (HU, RAS, `spacing` mm), and how the levels were counted."""
-    from ovcf.data.datamodule import window_hu
-
-    image = window_hu(image_hu, hu_window)[None, None]
-    verse, assignment = task.predict_volume(image, (spacing,) * 3)
-    return verse.cpu().numpy().astype(np.uint8), assignment
-
-
-def level_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice of every level present in `truth` (VerSe ids on one grid)."""
-    out = {}
-    for verse in sorted(int(v) for v in np.unique(truth) if v):
-        t, p = truth == verse, pred == verse
-        out[NAMES.get(verse, str(verse))] = float(2 * (t & p).sum() / (t.sum() + p.sum()))
-    return out
-
-
-def matched_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice of every true body with the predicted body that overlaps it most, whatever level it was named.
-
-    Separates outlining from naming: a count that is off by one level scores 0 in `level_dice` but
-    full marks here when every body is outlined well.
-    """
-    out = {}
-    for verse in sorted(int(v) for v in np.unique(truth) if v):
-        t = truth == verse
-        ids, counts = np.unique(pred[t], return_counts=True)
-        counts, ids = counts[ids > 0], ids[ids > 0]
-        if len(ids) == 0:
-            out[NAMES.get(verse, str(verse))] = 0.0
-            continue
-        p = pred == ids[np.argmax(counts)]
-        out[NAMES.get(verse, str(verse))] = float(2 * (t & p).sum() / (t.sum() + p.sum()))
-    return out
-
-
-def read_ct(path: Path):
-    """A CT as a `Volume` (RAS): a NIfTI file, or a folder of DICOM files (its longest axial CT series)."""
-    from ovcf.data.dicom import list_files, read_header
-    from ovcf.data.series import ct_candidates, group_series, load_series
-    from ovcf.data.volume import load_nifti
-
-    if not path.exists():
-        raise ConfigError(f"image={path}: no such file or folder (give a .nii/.nii.gz file or a DICOM folder)")
-    if path.is_file():
-        if not path.name.endswith((".nii", ".nii.gz")):
-            raise ConfigError(f"image={path}: give a NIfTI file (.nii, .nii.gz) or a folder of DICOM files")
-        return load_nifti(path)
-    headers = [h for f in list_files(path) for h in read_header(f)[0]]
-    candidates = ct_candidates(group_series(headers))
-    if not candidates:
-        raise CohortError(f"image={path}: no axial CT series among its {len(headers)} DICOM slices")
-    return load_series(candidates[0])
+def _named(scores: dict[int, float]) -> dict[str, float]:
+    return {NAMES.get(verse, str(verse)): value for verse, value in scores.items()}
 
 
 def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
-    from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_volume
-
+    """One CT (NIfTI file or one patient's DICOM folder, its series chosen as ingest chooses it): its level map."""
     path = Path(cfg.image).expanduser()
-    ct = read_ct(path)
-    canon = ct.canonical()
-    image, _, affine = resample_volume(canon, None, settings["spacing"])
-    verse, assignment = predict(task, image, settings["spacing"], settings["hu_window"])
-    labels = to_ct_grid(verse, affine, canon.affine, canon.array.shape)
+    choice = read_ct(path, IngestChecks.from_config(cfg.ingest))
+    canon = choice.volume.canonical()
+    segmentation = segment_ct(task, settings, canon)
+    labels = segmentation.on_grid(canon)
+    assignment = segmentation.assignment
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = path.name.removesuffix(".gz").removesuffix(".nii") if path.is_file() else path.name
     target = out / f"{stem}_levels.nii.gz"
     nib.save(nib.Nifti1Image(labels, canon.affine), target)
-    result = {"levels": assignment.levels, "anchored": assignment.anchored, "mask": str(target)}
+    result = {
+        "levels": assignment.levels,
+        "anchored": assignment.anchored,
+        "mask": str(target),
+        "series": None if choice.series is None else choice.series.name,
+        "notes": choice.notes,
+    }
     print(f"Levels found: {', '.join(assignment.levels) or 'none'} ({'anchored' if assignment.anchored else 'not anchored'})")
     if cfg.get("reference"):
-        truth = mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), Volume(canon.array, canon.affine), "reference")
-        dice = level_dice(labels, truth)
-        result["dice"] = dice
-        result["mean_dice"] = float(np.mean(list(dice.values()))) if dice else float("nan")
-        body = (labels > 0) & (truth > 0)
-        result["body_dice"] = float(2 * body.sum() / ((labels > 0).sum() + (truth > 0).sum()))
-        matched = matched_dice(labels, truth)
-        result["matched_dice"] = matched
+        truth = mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), canon, "reference")
+        result["dice"] = _named(label_dice(labels, truth))
+        result["mean_dice"] = float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
+        result["body_dice"] = dice(labels > 0, truth > 0)
+        result["matched_dice"] = _named(matched_dice(labels, truth))
+        matched = result["matched_dice"]
         result["mean_matched_dice"] = float(np.mean(list(matched.values()))) if matched else float("nan")
-        print("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+        print("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
         print(
             f"Mean Dice {result['mean_dice']:.3f}; each body against its best-overlapping prediction, whatever its "
             f"level: {result['mean_matched_dice']:.3f}; all bodies as one mask: {result['body_dice']:.3f}"
@@ -160,8 +78,8 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
 
 
 def segment_cohort(cfg: DictConfig, task, settings: dict) -> dict:
-    from ovcf.data.ingest import read_index
-
+    """Every patient whose CT the cohort's ingest cache holds: `<out>/<pseudonym>.nii.gz` and `segment.csv`."""
+    resolve_cohort(cfg)
     data = hydra.utils.instantiate(cfg.data, roi_source="given", predicted_masks=None, volume_spacing=settings["spacing"])
     data.prepare_data()
     index = read_index(data.cache)
@@ -191,7 +109,7 @@ def segment_cohort(cfg: DictConfig, task, settings: dict) -> dict:
             if "ct_affine" not in npz:
                 raise ConfigError(f"{path} predates predicted masks; delete {data.cache} so ingest caches it again")
             arrays = {k: npz[k] for k in ("volume_image", "volume_affine", "ct_affine", "ct_shape")}
-        verse, assignment = predict(task, arrays["volume_image"], settings["spacing"], settings["hu_window"])
+        verse, assignment = segment_volume(task, arrays["volume_image"], settings["spacing"], settings["hu_window"])
         labels = to_ct_grid(verse, arrays["volume_affine"], arrays["ct_affine"], arrays["ct_shape"])
         nib.save(nib.Nifti1Image(labels, arrays["ct_affine"]), out / f"{name}.nii.gz")
         missing = sorted(named[name] - set(assignment.levels))
@@ -220,18 +138,13 @@ def segment_cohort(cfg: DictConfig, task, settings: dict) -> dict:
 
 
 def segment(cfg: DictConfig) -> dict:
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    task, settings = load_segmenter(cfg.ckpt, device)
+    task, settings = load_segmenter(cfg.ckpt, device(cfg.device))
     if cfg.get("image"):
         return segment_image(cfg, task, settings)
     return segment_cohort(cfg, task, settings)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="segment")
-def main(cfg: DictConfig) -> None:
-    guarded(segment, cfg)
-
+main = hydra_main("segment", segment)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

@@ -13,28 +13,22 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import device, hydra_main
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import binary_scores
+from ovcf.inference.models import load_classifier, score
+from ovcf.inference.runs import cohort_dataset
+from ovcf.synth.anatomy import ablation_cues
+from ovcf.synth.cohort import generate_cohort, synthetic_folder
 
 
 def ablate(cfg: DictConfig) -> Path:
-    from ovcf.data.datamodule import load_samples, synthetic_folder
-    from ovcf.data.ingest import IngestChecks, RoiSpec, ingest, read_index
-    from ovcf.eval.predictions import load_classifier, predict
-    from ovcf.synth.anatomy import ablation_cues
-    from ovcf.synth.cohort import generate_cohort
-    from ovcf.tasks.classification import binary_metrics
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    task, data = load_classifier(cfg.ckpt, device)
-    if data.get("cohort") is not None or not data.get("synthetic"):
+    task, data = load_classifier(cfg.ckpt, device(cfg.device))
+    if not data.get("synthetic"):
         raise ConfigError("sign ablation re-renders the synthetic cohort: pass a model trained on it (data.cohort=null)")
     synthetic = dict(data["synthetic"])
     centers = sorted(synthetic["centers"])
@@ -46,8 +40,6 @@ def ablate(cfg: DictConfig) -> Path:
     unknown = set(variants) - set(cues)
     if unknown:
         raise ConfigError(f"signs={sorted(unknown)}: choose from {', '.join(cues)}")
-    roi = RoiSpec.from_settings(data)
-    checks = IngestChecks.from_config(data.get("ingest"))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -58,12 +50,10 @@ def ablate(cfg: DictConfig) -> Path:
         if not (folder / "synth.json").exists():
             print(f"Rendering center {center} without {variant}" if variant != "none" else f"Rendering center {center}")
             generate_cohort(folder, num_workers=cfg.workers, progress=cfg.progress, report=False, **params)
-        cache = ingest(folder, cfg.paths.cache_dir, roi, cfg.paths.key_file, cfg.workers, cfg.progress, checks)
-        rows = [r for r in read_index(cache) if r["included"]]
-        dataset = load_samples(cache, rows, roi.size, data["hu_window"], mask_channel=data.get("in_channels", 1) == 2)
-        metrics = binary_metrics()
-        metrics.update(predict(task, dataset), dataset.labels.int())
-        auroc = float(metrics.compute()["auroc"])
+        # Scored on the rendered cohort's own masks, with the run's ingest checks, ROI and HU window.
+        dataset, _ = cohort_dataset(data | {"roi_source": "given"}, folder, None, cfg.workers, cfg.progress)
+        rows = dataset.rows
+        auroc = binary_scores(dataset.labels.int(), score(task, dataset))["auroc"]
         if variant == "none":  # the reference: which fractures carry each sign when nothing is switched off
             baseline, truth = auroc, json.loads((folder / "synth.json").read_text())["patients"]
         with_cue = sum(variant in f["signs"] for p in truth for f in p["fractures"])
@@ -98,11 +88,7 @@ def ablate(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="sign_ablation")
-def main(cfg: DictConfig) -> None:
-    guarded(ablate, cfg)
-
+main = hydra_main("sign_ablation", ablate)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

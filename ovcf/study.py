@@ -23,11 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import hydra_main
 from ovcf.errors import ConfigError, OvcfError
+from ovcf.eval.leaderboard import collect, rows
+from ovcf.eval.report import versions
+from ovcf.inference.system import export_system
 
 STAGES = ("segmentation", "masks", "classification", "evaluation", "system")
 SETTINGS = ("seed", "overrides", "segmentation_overrides", "classification_overrides")  # with the model lists
@@ -71,15 +74,11 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
 
 def debug_choice() -> str | None:
     """The `debug=` option this study was started with (a config group, so not a plain key)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get().runtime.choices.get("debug")
 
 
 def best_run(sweep: Path, metric: str) -> tuple[Path, dict]:
     """The run of a sweep folder with the best validation `metric`, and its results."""
-    from ovcf.leaderboard import collect, rows
-
     runs = collect(sweep)
     table = rows(runs, metric)
     if not table or not table[0]["best"]:
@@ -126,8 +125,6 @@ class Manifest:
         return self.data["stages"].get(stage, {}).get("status") == "done"
 
     def save(self) -> None:
-        from ovcf.eval.report import versions
-
         self.data["versions"] = versions()
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
@@ -153,8 +150,6 @@ def study(cfg: DictConfig) -> Path:
         start = time.time()
         segmenter = Path(chosen["segmenter"]["checkpoint"]) if "segmenter" in chosen else None
         if stage == "system":
-            from ovcf.export import export_system
-
             export_system(Path(chosen["classifier"]["run"]), segmenter, folder / "system", folder / "evaluation")
         else:
             run_command(commands(cfg, folder, segmenter, debug_choice())[stage], folder / f"{stage}.log")
@@ -194,11 +189,7 @@ def study(cfg: DictConfig) -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="study")
-def main(cfg: DictConfig) -> None:
-    guarded(study, cfg)
-
+main = hydra_main("study", study)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

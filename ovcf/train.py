@@ -14,13 +14,18 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import hydra_main, resolve_cohort
 from ovcf.data.ingest import cache_fingerprint
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import binary_scores
 from ovcf.eval.predictions import write_predictions
+from ovcf.models.registry import model_task
 
 
 def _strip(metrics: dict, prefix: str) -> dict:
@@ -44,8 +49,6 @@ def summary(results: dict) -> str:
 
 def _overrides() -> list[str]:
     """The command-line overrides of this job (what tells sweep runs apart), or none outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
@@ -57,8 +60,6 @@ def train(cfg: DictConfig) -> float:
     returns `cfg.optimized_metric` on validation (the mean over folds)."""
     if not cfg.optimized_metric.startswith("val/"):
         raise ConfigError(f"optimized_metric={cfg.optimized_metric}: models are chosen on validation metrics only (val/...)")
-    from ovcf.models.registry import model_task
-
     serves = model_task(cfg.model.model_name)
     if serves is not None and serves != cfg.task:  # unknown names fail at instantiation with the list of names
         raise ConfigError(f"model {cfg.model.model_name} is a {serves} model, not {cfg.task}: add task={serves}")
@@ -94,8 +95,6 @@ def resume_from(cfg: DictConfig, out: Path) -> str | None:
 def evaluation_trainer(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
     """After a distributed fit, process 0 validates and tests on one device and the others stop:
     val and test sets are not sharded, so each process would score them whole and wait on the rest."""
-    import torch
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # strategy=ddp: every process ran the fit itself
     if trainer.global_rank != 0:
@@ -126,8 +125,9 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     if done is not None:
         return done
     L.seed_everything(cfg.seed, workers=True)
+    model = hydra.utils.instantiate(cfg.model)  # a bad model config fails before any data work
+    resolve_cohort(cfg)  # the synthetic cohort is generated here on first use, not by the data module
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     extra = {}
     if stop_epoch is not None:
@@ -143,8 +143,6 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     print(datamodule.summary())
     fit_model = model
     if cfg.get("compile"):
-        import torch
-
         fit_model = torch.compile(model)  # Lightning saves the plain module's weights
     start = time.time()
     trainer.fit(fit_model, datamodule=datamodule, ckpt_path=resume_from(cfg, out))
@@ -202,8 +200,6 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
     mode = cfg.cv.get("test", "ensemble")
     if mode not in CV_TEST:
         raise ConfigError(f"cv.test={mode}: use " + " or ".join(f"{k} ({v})" for k, v in CV_TEST.items()))
-    import numpy as np
-
     out = Path(cfg.paths.output_dir)
     done = finished(cfg, out)
     if done is not None:
@@ -247,20 +243,12 @@ def _member_cfg(cfg: DictConfig, out: Path, folds: int, fold: int | None) -> Dic
 
 
 def _scores(rows: list[dict]) -> dict:
-    """Binary metrics of prediction rows (probability, label)."""
-    import torch
-
-    from ovcf.tasks.classification import binary_metrics
-
-    metrics = binary_metrics()
-    metrics.update(torch.tensor([float(r["probability"]) for r in rows]), torch.tensor([int(r["label"]) for r in rows]))
-    return {name: float(value) for name, value in metrics.compute().items()}
+    """Binary metrics of prediction rows (probability, label), as a run's test epoch computes them."""
+    return binary_scores([int(r["label"]) for r in rows], [float(r["probability"]) for r in rows])
 
 
 def fold_ensemble(out: Path, folds: int) -> tuple[dict, list[dict]]:
     """The external test scored by the mean probability of the fold models (their columns kept)."""
-    import numpy as np
-
     predictions = [list(csv.DictReader(open(out / f"fold_{k}" / "test_predictions.csv"))) for k in range(folds)]
     ensemble = []
     for rows in zip(*predictions):
@@ -274,9 +262,6 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
     """`cv.test=refit`: one more model on every development patient (`refit/`), trained on the folds'
     schedule and stopped at the median of the epochs their validation chose: with no patient left
     to validate on, the folds pick the epoch. It alone scores the external center."""
-    import numpy as np
-    import torch
-
     epochs = [
         int(torch.load(out / f"fold_{k}" / r["best_checkpoint"], map_location="cpu", weights_only=False)["epoch"])
         for k, r in enumerate(runs)
@@ -294,13 +279,7 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
     return result["test"], rows, extra
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
-    return guarded(train, cfg)
-
+main = hydra_main("train", train)
 
 if __name__ == "__main__":
-    import sys
-
-    check_overrides(sys.argv[1:])
     main()

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ovcf.data import CohortDataModule
 from ovcf.data.datamodule import VertebraDataset
 from ovcf.errors import ConfigError
-from ovcf.leaderboard import write_leaderboard
+from ovcf.eval.leaderboard import write_leaderboard
 from ovcf.models import create_model, list_models
 from ovcf.models.classifiers import adapt_first_conv
 from ovcf.tasks import ClassificationTask
@@ -122,9 +122,9 @@ def _dataset(n: int, n_acute: int) -> VertebraDataset:
     return VertebraDataset(rows, np.zeros((n, 8, 8, 8), np.float32), np.ones((n, 8, 8, 8), np.uint8), (-250, 1250))
 
 
-def test_balanced_sampler_and_automatic_pos_weight(tmp_path):
+def test_balanced_sampler_and_automatic_pos_weight(tiny_cohort):
     """1 acute in 10: the balanced sampler draws about half acute; pos_weight=auto weighs acute 9x."""
-    dm = CohortDataModule(synthetic={"centers": {"A": {}, "B": {}}}, sampler="balanced", batch_size=10, seed=0)
+    dm = CohortDataModule(str(tiny_cohort), 8, 2.0, (-250, 1250), sampler="balanced", batch_size=10, seed=0)
     dm.datasets = {"train": _dataset(100, 10)}
     drawn = torch.cat([b["label"] for _ in range(20) for b in dm.train_dataloader()])
     assert 0.4 < drawn.mean().item() < 0.6
@@ -139,7 +139,7 @@ def test_balanced_sampler_and_automatic_pos_weight(tmp_path):
     with pytest.raises(ConfigError, match="pos_weight"):
         ClassificationTask("transformer", pos_weight="often")
     with pytest.raises(ConfigError, match="sampler"):
-        CohortDataModule(synthetic={"centers": {"A": {}, "B": {}}}, sampler="stratified")
+        CohortDataModule(str(tiny_cohort), 8, 2.0, (-250, 1250), sampler="stratified")
 
 
 def test_mask_channel_is_the_body_mask():
@@ -209,7 +209,7 @@ def test_leaderboard_picks_by_validation_mean_and_shows_the_variant(tmp_path):
 def test_refit_trains_on_every_development_patient_and_alone_tests(cli_env, tmp_path, tiny_cohort):
     """cv.test=refit: the folds choose the epoch, one more model trains on all development patients
     for that long, and it alone scores the external center (evaluate's test rows are its own)."""
-    from ovcf.eval.predictions import run_members, run_predictions
+    from ovcf.inference.runs import run_members, run_predictions
 
     run = tmp_path / "run"
     args = ["model=densenet121", "debug=smoke", "cv.folds=2", "cv.test=refit", "trainer.max_epochs=4"]

@@ -24,13 +24,14 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_option_composes_and_instantiates(group, option, tmp_path, monkeypatch):
+def test_option_composes_and_instantiates(group, option, tmp_path, monkeypatch, tiny_cohort):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     overrides = [f"{group}={option}"]
     if group == "model":  # a model option composes with its own task
         name = compose_cfg("train", overrides).model.model_name
         overrides.append(f"task={model_task(name)}")
     cfg = compose_cfg("train", overrides, tmp_path)
+    cfg.data.cohort = str(tiny_cohort)  # the entry point's choice (ovcf.cli.resolve_cohort); nothing is read yet
     data = hydra.utils.instantiate(cfg.data)
     assert isinstance(data, CohortDataModule)
     model = hydra.utils.instantiate(cfg.model)

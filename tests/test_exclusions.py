@@ -19,7 +19,8 @@ from conftest import synthetic_params
 
 from ovcf.contract import EXCLUSION_CODES, LEVEL_IDS
 from ovcf.data import ingest as ingest_module
-from ovcf.data.ingest import RoiSpec, ingest, read_index
+from ovcf.data.ingest import ingest, read_index
+from ovcf.data.roi import RoiSpec
 
 ROI = RoiSpec(24, 2.0)
 

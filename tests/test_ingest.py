@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ovcf.contract import DATA_PROBLEM_CODES, EXCLUSION_CODES
-from ovcf.data import ingest as ingest_module
-from ovcf.data.ingest import RoiSpec, ingest, read_index
+from ovcf.data import ct as ct_module
+from ovcf.data.ingest import ingest, read_index
+from ovcf.data.roi import RoiSpec
 
 
 @pytest.fixture
@@ -48,8 +49,8 @@ def test_second_run_reads_the_cache_not_dicom(tiny_cohort, tmp_path, monkeypatch
     def no_dicom(*args, **kwargs):
         raise AssertionError("DICOM decoded although the cache is fresh")
 
-    monkeypatch.setattr(ingest_module, "load_series", no_dicom)
-    monkeypatch.setattr(ingest_module, "read_header", no_dicom)
+    monkeypatch.setattr(ct_module, "load_series", no_dicom)  # the CT path reads every header and series
+    monkeypatch.setattr(ct_module, "read_header", no_dicom)
     assert ingest(tiny_cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False) == first
 
 

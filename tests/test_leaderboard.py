@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from ovcf.leaderboard import rows, write_leaderboard
+from ovcf.eval.leaderboard import rows, write_leaderboard
 
 
 def _run(folder, model, val, test, **extra):

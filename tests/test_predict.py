@@ -7,6 +7,7 @@ are untrained; the plumbing (ingest's validation, ROI, threshold, outputs, priva
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -62,7 +63,7 @@ def two_patients(phi_cohort, tmp_path_factory) -> dict[str, Path]:
 def test_heights_flag_exactly_the_fractured_levels(tiny_cohort):
     """On the cohort's own masks, `levels=auto` (Genant grade >= 1) picks every fractured body and no other."""
     from ovcf.data.heights import genant_grade, level_heights
-    from ovcf.predict import choose_levels
+    from ovcf.inference.patient import choose_levels
 
     assert [genant_grade(x) for x in (0.1, 0.2, 0.3, 0.45)] == [0, 1, 2, 3]
     for p in json.loads((tiny_cohort / "synth.json").read_text())["patients"]:
@@ -78,9 +79,8 @@ def test_heights_flag_exactly_the_fractured_levels(tiny_cohort):
 def test_export_round_trip(system, tmp_path):
     """The folder loads on its own (moved away from its runs); metadata has the bundle keys; the threshold is evaluate's."""
     from ovcf.eval.external import Scoring, evaluate_predictions
-    from ovcf.eval.predictions import run_predictions
-    from ovcf.export import export_system
-    from ovcf.predict import load_system
+    from ovcf.inference.runs import run_predictions
+    from ovcf.inference.system import export_system, load_system
 
     moved = shutil.copytree(system["folder"], tmp_path / "elsewhere" / "system")
     meta = json.loads((moved / "configs" / "metadata.json").read_text())
@@ -135,9 +135,9 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     """An export of several patients: report, PNGs, NIfTI and DICOM SEG for the good one, the bad one refused, no PHI."""
     import highdicom as hd
 
+    from ovcf.data.ct import IngestChecks, read_ct
     from ovcf.data.pseudonym import load_key, pseudonym
     from ovcf.predict import run as predict_run
-    from ovcf.segment import read_ct
 
     out = tmp_path / "out"
     export = next(iter(two_patients.values())).parent
@@ -179,7 +179,7 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
         assert labels and set(labels) <= set(LEVEL_IDS)
         ct_folder = by_name[name]
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID in _ct_series_uids(ct_folder)
-        ct = read_ct(ct_folder).canonical()
+        ct = read_ct(ct_folder, IngestChecks()).volume.canonical()
         mask = nib.load(folders[name] / "mask.nii.gz")
         assert mask.shape == ct.array.shape and np.allclose(mask.affine, ct.affine, atol=1e-3)
         assert set(np.unique(np.asarray(mask.dataobj))) - {0} <= set(LEVEL_IDS.values())
@@ -224,3 +224,67 @@ def test_without_a_system_the_error_names_the_fix(tmp_path):
     cfg = compose_cfg("predict", [f"input={tmp_path}", f"output={tmp_path / 'o'}", "levels=[L9]"])
     with pytest.raises(ConfigError, match="unknown level"):
         predict_run(cfg)
+
+
+@pytest.fixture(scope="module")
+def fallback_export(tiny_cohort, tmp_path_factory) -> Path:
+    """One patient as a cohort whose preferred CT series (the most slices) misses three slices, next to a
+    valid second series (every other slice of it): every reader must fall back to the second one."""
+    cohort = tmp_path_factory.mktemp("fallback") / "cohort"
+    rows = list(csv.DictReader(open(tiny_cohort / "clinical.csv")))
+    pid = rows[0]["patient_id"]
+    slices = []
+    for path in sorted(p for p in (tiny_cohort / "dicom").rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if str(ds.PatientID) == pid and ds.Modality == "CT" and "LOCALIZER" not in ds.ImageType:
+            slices.append(ds)
+    by_series: dict[str, list] = {}
+    for ds in slices:
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    slices = sorted(max(by_series.values(), key=len), key=lambda ds: float(ds.ImagePositionPatient[2]))  # the thin one
+    folder = cohort / "dicom" / "patient"
+    folder.mkdir(parents=True)
+    middle = len(slices) // 2
+    for i, ds in enumerate(slices):
+        if not middle <= i < middle + 3:
+            ds.save_as(folder / f"thin_{i:04d}.dcm")
+    thick = pydicom.uid.generate_uid()
+    for i, ds in enumerate(slices[::2]):
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = thick, pydicom.uid.generate_uid(), 9
+        ds.save_as(folder / f"thick_{i:04d}.dcm")
+    with open(cohort / "clinical.csv", "w", newline="") as fh:  # no mask: it was drawn on the thin series
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["patient_id"] == pid)
+    return cohort
+
+
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
+def test_ingest_segment_and_predict_choose_the_same_series(system, fallback_export, tmp_path):
+    """The one CT path: ingest, segment and predict reject the same broken series and use the same fallback."""
+    from ovcf.data.ct import USED
+    from ovcf.data.ingest import ingest
+    from ovcf.data.roi import RoiSpec
+    from ovcf.predict import run as predict_run
+    from ovcf.segment import segment
+
+    cache = ingest(fallback_export, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False)
+    (record,) = [json.loads(p.read_text()) for p in (cache / "patients").glob("*.json")]
+    statuses = {s["series"]: s["status"] for s in record["series"]}
+    (chosen,) = [name for name, status in statuses.items() if status == USED]
+    assert chosen.startswith("CT series #9") and "missing_slices" in statuses.values(), statuses
+    assert all("series_fallback" in r["flags"] for r in record["rows"])
+
+    dicom = fallback_export / "dicom" / "patient"
+    cfg = compose_cfg("segment", [f"ckpt={system['seg']}", f"image={dicom}", f"out={tmp_path / 'seg'}", "device=cpu"])
+    segmented = segment(cfg)
+    assert segmented["series"] == chosen and any(n.startswith("series_fallback") for n in segmented["notes"])
+
+    cfg = compose_cfg("predict", [f"input={dicom}", f"output={tmp_path / 'out'}", f"system={system['folder']}"])
+    cfg.levels, cfg.progress, cfg.paths.key_file = ["L1"], False, str(tmp_path / "key")
+    (name,) = predict_run(cfg)["patients"]
+    report = json.loads((tmp_path / "out" / name / "report.json").read_text())
+    assert report["series"] == chosen and any(n.startswith("series_fallback") for n in report["notes"])

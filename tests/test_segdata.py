@@ -18,6 +18,7 @@ def test_patches_and_whole_scans_split_by_patient(tiny_cohort, tmp_path):
         key_file=str(tmp_path / "key"),
         roi_size=24,
         roi_spacing=2.0,
+        hu_window=(-250, 1250),
         volume_spacing=2.0,
         val_fraction=0.5,
         batch_size=4,

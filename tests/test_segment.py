@@ -14,9 +14,11 @@ import pytest
 import torch
 from conftest import REAL, run_cli
 
-from ovcf.data.ingest import RoiSpec, ingest, read_index
+from ovcf.data.ingest import ingest, read_index
 from ovcf.data.pseudonym import load_key, pseudonym
-from ovcf.segment import level_dice, matched_dice, to_ct_grid
+from ovcf.data.roi import RoiSpec
+from ovcf.eval.metrics import label_dice, matched_dice
+from ovcf.inference.models import to_ct_grid
 from ovcf.tasks import SegmentationTask
 
 TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
@@ -36,9 +38,9 @@ def test_labels_go_back_to_the_ct_voxels_in_world_coordinates():
         assert np.linalg.norm(ours - theirs) < 1.5, (verse, ours, theirs)
         ml = (out == verse).sum() * 0.8 * 0.8 * 1.25 / 1000
         assert abs(ml - (labels == verse).sum() * 8 / 1000) < 0.1 * ml
-    assert level_dice(out, out) == {"T12": 1.0, "L1": 1.0}
+    assert label_dice(out, out) == {19: 1.0, 20: 1.0}  # VerSe ids of T12 and L1
     shifted = np.where(out > 0, out + 1, 0)  # every body named one level too low
-    assert level_dice(shifted, out) == {"T12": 0.0, "L1": 0.0} and matched_dice(shifted, out) == {"T12": 1.0, "L1": 1.0}
+    assert label_dice(shifted, out) == {19: 0.0, 20: 0.0} and matched_dice(shifted, out) == {19: 1.0, 20: 1.0}
 
 
 def test_predicted_masks_replace_the_given_ones(tiny_cohort, tmp_path, capsys):
@@ -101,6 +103,9 @@ def checkpoint(tmp_path_factory):
     trainer.fit(task, torch.utils.data.DataLoader(batch, batch_size=1))
     path = root / "seg.ckpt"
     trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=False)  # what ovcf.train's data module records: how the CT was read
+    raw["datamodule_hyper_parameters"] = {"hu_window": [-250.0, 1250.0], "volume_spacing": 2.0}
+    torch.save(raw, path)
     return path
 
 

@@ -12,9 +12,10 @@ from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.instances import region_target
 from ovcf.data.levels import class_to_verse, encode_verse, level_classes, verse_to_class
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import label_confusion, level_scores
 from ovcf.models import create_model
 from ovcf.models.segmenters import unet
-from ovcf.tasks.segmentation import SegmentationTask, confusion, level_scores
+from ovcf.tasks.segmentation import SegmentationTask
 
 LEVELS = ["T12", "L1"]
 PATCH = (32, 32, 32)
@@ -141,15 +142,15 @@ def test_dice_definition():
     # truth L1 x4, L2 x2, background x2; one L1 voxel predicted L2, one L1 voxel missed, one background voxel called L1
     truth = torch.tensor([1, 1, 1, 1, 2, 2, 0, 0])
     pred = torch.tensor([1, 1, 2, 0, 2, 2, 1, 0])
-    dice, identified, spurious = level_scores(confusion(pred, truth, 3))
+    dice, identified, spurious = level_scores(label_confusion(pred, truth, 3))
     assert dice.tolist() == pytest.approx([2 * 2 / (4 + 3), 2 * 2 / (2 + 3)])
     assert identified.tolist() == [True, True] and spurious.tolist() == [False, False]
     # L2 absent from the truth but predicted: no Dice of its own (NaN), flagged spurious; it still costs L1 a voxel
-    dice, identified, spurious = level_scores(confusion(torch.tensor([1, 1, 2, 2]), torch.tensor([1, 1, 1, 0]), 3))
+    dice, identified, spurious = level_scores(label_confusion(torch.tensor([1, 1, 2, 2]), torch.tensor([1, 1, 1, 0]), 3))
     assert dice[0] == pytest.approx(2 * 2 / (3 + 2)) and dice[1].isnan()
     assert identified.tolist() == [True, False] and spurious.tolist() == [False, True]
     # a body predicted as its neighbour's level, or not at all, is not identified
-    _, identified, _ = level_scores(confusion(torch.tensor([2, 2, 0, 0]), torch.tensor([1, 1, 2, 2]), 3))
+    _, identified, _ = level_scores(label_confusion(torch.tensor([2, 2, 0, 0]), torch.tensor([1, 1, 2, 2]), 3))
     assert identified.tolist() == [False, False]
 
 
@@ -201,6 +202,12 @@ def test_checkpoint_round_trip(trained):
     assert loaded.hparams.min_body_ml == 0.5 and list(loaded.hparams.patch_size) == list(PATCH)
     image, _ = spine(77)
     assert torch.equal(loaded.predict_volume(image[None], SPACING)[0], trained["task"].predict_volume(image[None], SPACING)[0])
+
+
+def test_unet_refuses_a_patch_its_strides_do_not_divide():
+    with pytest.raises(ConfigError, match=r"patch_size \[32, 32, 28\] is not divisible by 8 .* along axis 3 \(28\)"):
+        SegmentationTask(model_kwargs=SMALL_UNET, patch_size=(32, 32, 28))
+    assert SegmentationTask(model_kwargs=SMALL_UNET, patch_size=(40, 32, 32)).hparams.model_kwargs == SMALL_UNET
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from conftest import synthetic_params
 
-from ovcf.data.datamodule import synthetic_folder
 from ovcf.errors import ConfigError
 from ovcf.synth.anatomy import draw_fracture
-from ovcf.synth.cohort import generate_cohort
+from ovcf.synth.cohort import generate_cohort, synthetic_folder
 
 
 def _draws(ablate=()):

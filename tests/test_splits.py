@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
-from conftest import synthetic_params
+from conftest import compose_cfg, synthetic_params
 
 from ovcf.data import CohortDataModule
 from ovcf.data.ingest import read_index
@@ -35,6 +37,7 @@ def _datamodule(cohort, tmp_path, seed=0):
         seed=seed,
         roi_size=24,
         roi_spacing=2.0,
+        hu_window=(-250, 1250),
         ingest_workers=1,
         progress=False,
     )
@@ -83,7 +86,8 @@ def test_splits_json_holds_every_fold_and_is_reproducible(tiny_cohort, tmp_path)
 
 def test_centers_can_be_swapped_and_a_wrong_name_lists_the_centers(tiny_cohort, tmp_path):
     common = dict(cohort=str(tiny_cohort), cache_dir=str(tmp_path / "c"), key_file=str(tmp_path / "k"), roi_size=24)
-    dm = CohortDataModule(dev_center="B", val_fraction=0.5, roi_spacing=2.0, progress=False, **common)
+    common |= {"roi_spacing": 2.0, "hu_window": (-250, 1250)}
+    dm = CohortDataModule(dev_center="B", val_fraction=0.5, progress=False, **common)
     dm.setup()
     assert dm.centers == {"dev": "B", "external": "A"}
     assert {r["center"] for r in dm.datasets["test"].rows} == {"A"}
@@ -93,8 +97,24 @@ def test_centers_can_be_swapped_and_a_wrong_name_lists_the_centers(tiny_cohort, 
         CohortDataModule(dev_center="A", external_center="A", **common)
 
 
-def test_synthetic_default_needs_no_cohort_path(tmp_path):
-    dm = CohortDataModule(synthetic=synthetic_params(), data_dir=str(tmp_path))
-    assert dm.cohort_path.parent == tmp_path / "synthetic"
-    other = CohortDataModule(synthetic=synthetic_params(seed=1), data_dir=str(tmp_path))
-    assert other.cohort_path != dm.cohort_path, "a cohort folder is named by its parameters"
+def test_the_entry_point_not_the_data_module_picks_the_synthetic_cohort(tiny_cohort, tmp_path):
+    """Without data.cohort the entry point points the run at the synthetic cohort of its parameters
+    (generated once into paths.data_dir); the data module itself only reads a folder it is given."""
+    from ovcf.cli import resolve_cohort
+    from ovcf.synth.cohort import synthetic_folder
+
+    params = synthetic_params()
+    folder = synthetic_folder(tmp_path, params)
+    assert folder.parent == tmp_path / "synthetic"
+    assert synthetic_folder(tmp_path, synthetic_params(seed=1)) != folder, "a cohort folder is named by its parameters"
+    shutil.copytree(tiny_cohort, folder)  # stands in for the generated cohort: found, so not generated again
+    cfg = compose_cfg("train", [], tmp_path)
+    cfg.paths.data_dir = str(tmp_path)
+    cfg.data.synthetic = params
+    resolve_cohort(cfg)
+    assert cfg.data.cohort == str(folder.resolve()) and cfg.data.synthetic["seed"] == params["seed"]
+    given = compose_cfg("train", [f"data.cohort={tiny_cohort}"], tmp_path)
+    resolve_cohort(given)
+    assert given.data.cohort == str(tiny_cohort) and given.data.synthetic is None, "a user's cohort records no generator"
+    with pytest.raises(ConfigError, match="no cohort: set data.cohort"):
+        CohortDataModule(None, 24, 2.0, (-250, 1250))

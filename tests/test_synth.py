@@ -168,7 +168,8 @@ def test_screws_are_metal_with_streaks_and_caught_as_implant(tmp_path):
     """Planted implants alternate between cement and pedicle screws; ingest excludes both."""
     import json
 
-    from ovcf.data.ingest import RoiSpec, ingest, read_index
+    from ovcf.data.ingest import ingest, read_index
+    from ovcf.data.roi import RoiSpec
 
     plant = {"implant": 2}
     params = synthetic_params(patients_per_center=2, n_levels=[5, 5], plant=plant, export={"mr_series": False})

@@ -12,6 +12,7 @@ from conftest import compose_cfg, run_cli, synthetic_params
 
 from ovcf.contract import LEVEL_ORDER
 from ovcf.data import CohortDataModule
+from ovcf.synth.cohort import synthetic_cohort
 from ovcf.tasks import ClassificationTask
 
 
@@ -77,7 +78,7 @@ def test_multirun_on_a_given_cohort_writes_one_result_per_model(tiny_sweep):
 def _fit(epochs: int, model_kwargs: dict, seed: int = 0, **data) -> tuple[CohortDataModule, dict]:
     """Trains DenseNet-121 (2.5D) in-process on CPU; returns the data and the best epoch's val metrics."""
     L.seed_everything(seed, workers=True)
-    dm = CohortDataModule(roi_size=32, roi_spacing=1.8, progress=False, seed=seed, **data)
+    dm = CohortDataModule(roi_size=32, roi_spacing=1.8, hu_window=(-250, 1250), progress=False, seed=seed, **data)
     model = ClassificationTask("densenet121", model_kwargs, lr=1e-3)
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=data["cache_dir"], monitor="val/auroc", mode="max")
     trainer = L.Trainer(
@@ -123,8 +124,7 @@ def test_model_learns_easy_cohort(tmp_path):
         12,
         kwargs,
         seed=1,
-        synthetic=params,
-        data_dir=str(tmp_path),
+        cohort=str(synthetic_cohort(tmp_path, params, num_workers=2, progress=False)),
         cache_dir=str(tmp_path),
         key_file=str(tmp_path / "key"),
         val_fraction=0.34,

@@ -8,8 +8,9 @@ import nibabel as nib
 import numpy as np
 
 from ovcf.contract import LEVEL_IDS
-from ovcf.data.ingest import RoiSpec, ingest, read_index
+from ovcf.data.ingest import ingest, read_index
 from ovcf.data.pseudonym import load_key, pseudonym
+from ovcf.data.roi import RoiSpec
 
 
 def test_cached_volumes_keep_the_world_positions_of_the_bodies(tiny_cohort, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m ovcf.bench_ingest`: cohort ingest throughput vs reading the same series with SimpleITK.
+"""`python -m ovcf.bench.ingest`: cohort ingest throughput vs reading the same series with SimpleITK.
 
 Three timings on one synthetic cohort (generated on first use, then reused):
 
@@ -31,7 +31,9 @@ from omegaconf import OmegaConf
 from ovcf.cli import config_dir
 from ovcf.contract import DICOM_DIR
 from ovcf.data.dicom import list_files
-from ovcf.data.ingest import RoiSpec, ingest, read_index
+from ovcf.data.ingest import ingest, read_index
+from ovcf.data.roi import RoiSpec
+from ovcf.synth.cohort import generate_cohort
 
 REOPEN_TARGET_S = 5.0  # cached re-open, for the 40-patient cohort
 REOPEN_TARGET_PATIENTS = 40
@@ -42,11 +44,15 @@ def default_out() -> Path:
     return Path(os.environ.get("OVCF_DATA_DIR", "data")) / "bench-ingest"
 
 
-def synthetic_params(patients: int) -> dict:
-    """The default synthetic config with `patients // 2` per center, composed as `tests/conftest.py` does."""
+def train_config():
+    """The default `ovcf.train` config, composed as `tests/conftest.py` does: the cohort and ROI a run uses."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train")
-    params = OmegaConf.to_container(cfg.synthetic, resolve=True)
+        return compose("train")
+
+
+def synthetic_params(patients: int) -> dict:
+    """The default synthetic config with `patients // 2` per center."""
+    params = OmegaConf.to_container(train_config().synthetic, resolve=True)
     params["patients_per_center"] = max(1, patients // 2)
     return params
 
@@ -56,8 +62,6 @@ def ensure_cohort(out: Path, patients: int, workers: int) -> Path:
 
     Generation takes longer than the benchmark itself, so a matching cohort is reused.
     """
-    from ovcf.synth.cohort import generate_cohort
-
     cohort = out / "cohort"
     params = synthetic_params(patients)
     truth = cohort / "synth.json"
@@ -85,7 +89,9 @@ def series_folders(dicom: Path) -> list[str]:
 
 def time_ingest(cohort: Path, cache_root: Path, workers: int) -> tuple[float, float, float, Path]:
     """Seconds for a cold ingest, for the same call again (cache fresh) and for `read_index`; and the cache."""
-    kwargs = {"cache_root": cache_root, "roi": RoiSpec(), "key_file": cache_root / "key", "num_workers": workers}
+    data = train_config().data  # the default run's ROI and whole-CT volumes
+    roi = RoiSpec.from_settings(data, data.volume_spacing)
+    kwargs = {"cache_root": cache_root, "roi": roi, "key_file": cache_root / "key", "num_workers": workers}
     start = time.perf_counter()
     cache = ingest(cohort, progress=True, **kwargs)
     cold = time.perf_counter() - start
@@ -139,13 +145,13 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patients", type=int, default=REOPEN_TARGET_PATIENTS, help="cohort size (half per center)")
     parser.add_argument("--workers", type=int, default=2, help="ingest processes, and SimpleITK threads")
     parser.add_argument("--out", type=Path, default=None, help="cohort and results folder (default $OVCF_DATA_DIR/bench-ingest)")
     parser.add_argument("--keep", action="store_true", help="keep the cache written by the cold ingest")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = (args.out or default_out()).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 

@@ -1,4 +1,4 @@
-"""`python -m ovcf.bench_seg`: training-step throughput of the three segmenters, fp32 and bf16 autocast.
+"""`python -m ovcf.bench.segmenters`: training-step throughput of the three segmenters, fp32 and bf16 autocast.
 
 Each model takes its default config (`conf/model/<name>.yaml`); one step is forward, DiceCE plus the
 slab classifier's cross-entropy, backward and AdamW on a batch of random patches. On a GPU it also says whether U-Mamba ran
@@ -15,13 +15,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ovcf.cli import config_dir
+from ovcf.models import umamba
+from ovcf.tasks import SegmentationTask
 
 MODELS = ("unet", "unetr_pp", "umamba")
 
 
 def step_rate(name: str, device: str, precision: str, batch: int, steps: int, patch=None) -> dict:
-    from ovcf.tasks import SegmentationTask
-
     cfg = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/model/{name}.yaml"))
     patch = list(patch or cfg["patch_size"])
     task = SegmentationTask(model_name=name, model_kwargs=cfg["model_kwargs"], patch_size=patch, lr=cfg["lr"]).to(device)
@@ -70,8 +70,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
-    from ovcf.models import umamba
-
     kernel = umamba._kernel_scan is not None and args.device.startswith("cuda")
     print(f"device {args.device}; mamba_ssm CUDA kernel: {'used' if kernel else 'absent (pure-PyTorch selective scan)'}")
     rows = []

@@ -1,4 +1,4 @@
-"""`python -m ovcf.bench_synth`: how long the default synthetic cohort takes to generate, and how hard it is.
+"""`python -m ovcf.bench.synth`: how long the default synthetic cohort takes to generate, and how hard it is.
 
 Generates a cohort with the default parameters and `--patients` patients (half per center) into a
 fresh folder, times it, and prints the difficulty report's baseline AUCs next to the target
@@ -16,15 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from ovcf.bench_ingest import synthetic_params
+from ovcf.bench.ingest import synthetic_params
+from ovcf.synth.cohort import difficulty_summary, generate_cohort
 
 TARGET_S = 180.0
 TARGET_PATIENTS = 40
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ovcf.synth.cohort import difficulty_summary, generate_cohort
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=TARGET_PATIENTS, help="patients in all (half per center)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering patients")

@@ -1,4 +1,4 @@
-"""`python -m ovcf.bench` (`make bench`): training throughput of the pipeline vs a bare PyTorch loop.
+"""`python -m ovcf.bench.training`: training throughput of the pipeline vs a bare PyTorch loop.
 
 Both train the same network on the same in-memory tensors (the default cohort's training set,
 generated on first use) with the same batch size and optimizer; the ratio is what Lightning,
@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir
+from ovcf.cli import config_dir, resolve_cohort
 from ovcf.data import CohortDataModule
 from ovcf.models import list_models
 from ovcf.tasks import ClassificationTask
@@ -106,7 +106,7 @@ def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, 
     return samples / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="densenet121", help="model config names (conf/model), comma-separated, or all")
     parser.add_argument("--steps", type=int, default=30)
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--smoke", action="store_true", help="use the tiny debug cohort instead of the default one")
     parser.add_argument("--augment", action="store_true", help="keep the training augmentation (the bare loop has none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     models = list_models("classification") if args.model == "all" else args.model.split(",")
     dm = None
     for name in models:
@@ -131,6 +131,7 @@ def main() -> None:
                 + ([] if args.augment else ["data/augment=none"]),
             )
         if dm is None:  # one data module for every model: the same tensors
+            resolve_cohort(cfg)
             dm = hydra.utils.instantiate(cfg.data)
             dm.prepare_data()
             dm.setup("fit")

@@ -1,34 +1,29 @@
 """LightningDataModule over one cohort: development center -> train/val, the other -> test.
 
 The external center is read only for `test` (and `predict`); it never enters training or model
-selection. Without `cohort`, the synthetic cohort described by `synthetic` is generated once into
-`data_dir` and reused.
+selection. The data module takes a cohort folder; the entry points generate the built-in synthetic
+cohort when none is given (`ovcf.cli.resolve_cohort`), so reading data never starts the generator.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import CLINICAL_CSV, LABELS
 from ovcf.data.augment import build_augment, scale_augment
 from ovcf.data.clinical import read_centers
-from ovcf.data.ingest import IngestChecks, RoiSpec, check_cohort, ingest, read_index
+from ovcf.data.ct import IngestChecks
+from ovcf.data.ingest import check_cohort, ingest, read_index
+from ovcf.data.roi import RoiSpec, window_hu
 from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
 from ovcf.data.splits import cohort_splits, write_splits
 from ovcf.errors import ConfigError
-
-
-def window_hu(image: np.ndarray, hu_window) -> torch.Tensor:
-    """HU mapped to [0, 1] over `hu_window` (clipped), float32: what every network here is fed."""
-    lo, hi = hu_window
-    return torch.from_numpy((np.clip(image, lo, hi) - lo) / (hi - lo)).float()
 
 
 class VertebraDataset(Dataset):
@@ -45,7 +40,7 @@ class VertebraDataset(Dataset):
         seed: int = 0,
     ):
         self.rows, self.transform, self.mask_channel, self.seed = rows, transform, mask_channel, int(seed)
-        self.images = window_hu(images, hu_window).unsqueeze(1)
+        self.images = torch.from_numpy(window_hu(images, hu_window)).unsqueeze(1)
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
         self.clinical = torch.tensor([clinical_features(r) for r in rows], dtype=torch.float32).reshape(len(rows), 3)
@@ -111,20 +106,6 @@ def clinical_features(row: dict) -> list[float]:
     return [(age - 70.0) / 10.0, 1.0 if row["sex"] == "F" else -1.0, (t + 2.5) / 1.5]
 
 
-OPTIONAL = ("ablate", "render_centers")  # generator options that are off by default
-
-
-def synthetic_folder(data_dir: Path, params: dict) -> Path:
-    """Folder of a generated cohort, named by the generator's version and parameters."""
-    from ovcf.synth import GENERATOR_VERSION
-
-    # Options that are off leave the name as it was before they existed.
-    params = {k: v for k, v in params.items() if k not in ("num_workers", "progress") and (v or k not in OPTIONAL)}
-    key = json.dumps([GENERATOR_VERSION, params], sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(data_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
-
-
 def predicted_mask_warnings(index: list[dict]) -> list[str]:
     """One line per patient whose named fractured level the predicted mask lacks (or who has no predicted mask)."""
     missing: dict[str, list[str]] = {}
@@ -142,9 +123,12 @@ class CohortDataModule(L.LightningDataModule):
     """Vertebra samples of a cohort in the cohort format, split by patient.
 
     Args:
-        cohort: folder with clinical.csv, dicom/ and optional masks/; None uses `synthetic`.
-        synthetic: parameters of `ovcf.synth.generate_cohort` for the built-in cohort.
-        data_dir: where the synthetic cohort is generated (it holds fake PHI, like a real export).
+        cohort: folder with clinical.csv, dicom/ and optional masks/.
+        roi_size: voxels per side of the cube cropped around each fractured body.
+        roi_spacing: its isotropic spacing in mm.
+        hu_window: HU range mapped to [0, 1].
+        synthetic: the generator parameters when `cohort` is the built-in synthetic cohort (set by
+            the entry point; kept in checkpoints so the sign ablation can render it again), else None.
         cache_dir: where preprocessed, pseudonymised samples are kept.
         key_file: pseudonym key file (see `ovcf.data.pseudonym`).
         dev_center: center used for train/val; None takes the first center name in sorted order.
@@ -154,14 +138,11 @@ class CohortDataModule(L.LightningDataModule):
         fold: which of those folds validates (the others train); None: every development patient
             trains and there is no validation set (a refit, `cv.test=refit`).
         seed: split seed.
-        roi_size: voxels per side of the cube cropped around each fractured body.
-        roi_spacing: its isotropic spacing in mm.
         roi_margin: mm around each body's largest extent instead: the cube then spans extent + 2
             margins and its spacing follows the body (None: the fixed `roi_spacing`).
         volume_spacing: isotropic spacing (mm) of the whole-CT volumes cached for segmentation; None: none.
         roi_source: "given" cuts ROIs from the cohort's masks; "predicted" from `predicted_masks`.
         predicted_masks: the folder `python -m ovcf.segment` wrote (`<pseudonym>.nii.gz` per patient).
-        hu_window: HU range mapped to [0, 1].
         in_channels: 1 feeds the CT; 2 adds the body mask as a second channel (the model configs
             read their `in_channels` from here).
         sampler: "balanced" draws training samples with weights that equalise acute and chronic;
@@ -174,9 +155,11 @@ class CohortDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        cohort: str | None = None,
+        cohort: str | None,
+        roi_size: int,
+        roi_spacing: float,
+        hu_window: tuple[float, float],
         synthetic: dict | None = None,
-        data_dir: str = "data",
         cache_dir: str = ".cache/ovcf",
         key_file: str = "~/.cache/ovcf/pseudonym.key",
         dev_center: str | None = None,
@@ -184,13 +167,10 @@ class CohortDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         fold: int | None = 0,
         seed: int = 0,
-        roi_size: int = 48,
-        roi_spacing: float = 1.25,
         roi_margin: float | None = None,
-        volume_spacing: float | None = 2.0,
+        volume_spacing: float | None = None,
         roi_source: str = "given",
         predicted_masks: str | None = None,
-        hu_window: tuple[float, float] = (-250.0, 1250.0),
         in_channels: int = 1,
         sampler: str | None = None,
         augment: dict | None = None,
@@ -202,10 +182,6 @@ class CohortDataModule(L.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
-        if cohort is None and not synthetic:
-            raise ConfigError("no cohort: set data.cohort to a cohort folder, or keep the synthetic cohort config")
-        from omegaconf import DictConfig, OmegaConf
-
         if isinstance(synthetic, DictConfig):
             synthetic = OmegaConf.to_container(synthetic, resolve=True)
         if isinstance(ingest, DictConfig):
@@ -236,34 +212,27 @@ class CohortDataModule(L.LightningDataModule):
         self.augment = build_augment(scale_augment(augment, augment_strength))
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
-        if cohort is not None:
-            found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
-        else:
-            found = sorted(synthetic.get("centers", {}))
+        if cohort is None:
+            raise ConfigError(
+                "no cohort: set data.cohort to a cohort folder (python -m ovcf.train and the other entry points "
+                "generate the synthetic cohort when it is null; from Python use ovcf.synth.synthetic_cohort)"
+            )
+        found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
         dev, ext = self._centers(found)
         self.centers: dict[str, str] = {"dev": dev, "external": ext}
 
     @property
     def cohort_path(self) -> Path:
-        hp = self.hparams
-        if hp.cohort is not None:
-            return Path(hp.cohort).expanduser()
-        return synthetic_folder(Path(hp.data_dir), hp.synthetic)
+        return Path(self.hparams.cohort).expanduser()
 
     def prepare_data(self) -> None:
         if getattr(self, "cache", None) is not None:
             return  # Lightning calls this before fit, validate and test: check the files once
         hp = self.hparams
-        path = self.cohort_path
-        if hp.cohort is None and not (path / "synth.json").exists():
-            from ovcf.synth.cohort import difficulty_summary, generate_cohort
-
-            print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
-            params = {k: v for k, v in hp.synthetic.items() if k != "num_workers"}
-            generate_cohort(path, num_workers=hp.ingest_workers, progress=hp.progress, **params)
-            print(difficulty_summary(path))
         masks = hp.predicted_masks if hp.roi_source == "predicted" else None
-        self.cache = ingest(path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks, masks)
+        self.cache = ingest(
+            self.cohort_path, hp.cache_dir, self.roi, hp.key_file, hp.ingest_workers, hp.progress, self.checks, masks
+        )
         if masks is not None:
             for line in predicted_mask_warnings(read_index(self.cache)):
                 print(f"warning: {line}")

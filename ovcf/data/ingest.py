@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,96 +24,21 @@ import numpy as np
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
 from ovcf.data.atomic import write_atomic, write_json
 from ovcf.data.clinical import ClinicalRow, check_clinical, read_clinical
-from ovcf.data.dicom import list_files, read_header
+from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
+from ovcf.data.dicom import list_files
 from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
-from ovcf.data.quality import QualityChecks, implant_ml, level_voxels, locate_level, noise_hu
-from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
-from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_roi, resample_volume
+from ovcf.data.quality import level_voxels
+from ovcf.data.roi import RoiSpec
+from ovcf.data.series import Series
+from ovcf.data.volume import Volume, load_nifti, resample_volume
 from ovcf.errors import CohortError
 from ovcf.parallel import pool_map, worker_pool
 
 CACHE_VERSION = 5
-# Series report statuses besides the `SERIES_PROBLEMS` codes (and mask_mismatch) of rejected series.
-USED, NOT_CANDIDATE, UNUSED = "used", "not a candidate", "candidate, not used"
 INDEX_COLUMNS = [
     "row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "flags", "note",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RoiSpec:
-    """What is cached per patient: the cube cropped around each fractured body (`size` voxels of
-    `spacing` mm per side) and, for segmentation, the whole CT and its label map resampled to
-    `volume_spacing` mm, axis-aligned in RAS (None: not cached).
-
-    With `margin` (mm), each cube instead spans its body's largest extent plus `margin` on either
-    side, so its spacing follows the body (a small body is seen finer); a level missing from the
-    mask keeps `spacing`."""
-
-    size: int = 48
-    spacing: float = 1.25
-    volume_spacing: float | None = 2.0
-    margin: float | None = None
-
-    @classmethod
-    def from_settings(cls, data: dict, volume_spacing: float | None = None) -> RoiSpec:
-        """The ROI of a data module's settings (`roi_size`, `roi_spacing`, `roi_margin`): what a run
-        was trained on, so evaluate, predict and the sign ablation cut the same cubes."""
-        margin = data.get("roi_margin")
-        return cls(
-            int(data["roi_size"]),
-            float(data["roi_spacing"]),
-            None if volume_spacing is None else float(volume_spacing),
-            None if margin is None else float(margin),
-        )
-
-    def spacing_for(self, voxels: np.ndarray | None, volume: Volume) -> float:
-        """The cube's spacing (mm) for a body given by its voxel indices."""
-        if self.margin is None or voxels is None or not len(voxels):
-            return self.spacing
-        # The body's bounding box in RAS mm (voxel edges included), its longest side.
-        extent = float((np.abs(volume.affine[:3, :3]) @ (voxels.max(0) - voxels.min(0) + 1.0)).max())
-        return (extent + 2 * float(self.margin)) / self.size
-
-
-def check_box(voxels: np.ndarray | None, centre: np.ndarray, volume: Volume) -> np.ndarray:
-    """Where the implant and noise checks look: the body's voxels, or for a level missing from the
-    mask a 30 mm box of voxel indices around its estimated centre."""
-    if voxels is not None:
-        return voxels
-    index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
-    half = 15.0 / volume.spacing
-    box = np.array([index - half, index + half]).round().astype(int)
-    return np.clip(box, 0, np.array(volume.array.shape) - 1)
-
-
-def cut_roi(volume: Volume, voxels: np.ndarray | None, centre: np.ndarray, roi: RoiSpec) -> tuple[np.ndarray, np.ndarray, float]:
-    """The ROI cube around one body, as the cache stores it: HU (int16 range), the body mask (uint8)
-    and the spacing used. Ingest and predict cut ROIs with this one function."""
-    spacing = roi.spacing_for(voxels, volume)
-    image = resample_roi(volume, centre, roi.size, spacing)
-    body = resample_roi(_body_volume(voxels, volume), centre, roi.size, spacing, "nearest", 0.0)
-    return np.clip(np.rint(image), -32768, 32767).astype(np.int16), (body > 0.5).astype(np.uint8), spacing
-
-
-@dataclass(frozen=True)
-class IngestChecks:
-    """Series validation and CT-based exclusion thresholds (the `ingest` config group)."""
-
-    series: SeriesChecks = field(default_factory=SeriesChecks)
-    quality: QualityChecks = field(default_factory=QualityChecks)
-
-    @classmethod
-    def from_config(cls, cfg: dict | None) -> IngestChecks:
-        cfg = dict(cfg or {})
-        unknown = set(cfg) - {"series", "quality"}
-        if unknown:
-            raise CohortError(f"ingest config has unknown section(s) {', '.join(sorted(unknown))}; use series and quality")
-        try:
-            return cls(SeriesChecks(**(cfg.get("series") or {})), QualityChecks(**(cfg.get("quality") or {})))
-        except TypeError as exc:
-            raise CohortError(f"ingest config: {exc}; see conf/ingest/default.yaml for the known keys") from exc
 
 
 def check_cohort(cohort: Path) -> Path:
@@ -151,15 +76,6 @@ def cache_fingerprint(cache: Path) -> str | None:
     """The fingerprint (cohort files and settings) stamped on an ingest cache folder; None: no stamp."""
     stamp = Path(cache) / "fingerprint.json"
     return json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
-
-
-def _read_headers(paths: list[str]):
-    slices, kinds = [], Counter()
-    for p in paths:
-        found, kind = read_header(p)
-        slices.extend(found)
-        kinds[kind] += 1
-    return slices, kinds
 
 
 def _parse_dicom_date(text: str) -> dt.date | None:
@@ -206,49 +122,6 @@ def _ingest_patient(job: dict) -> dict:
     return _finish(p)
 
 
-def _choose_and_load(p: _Patient, checks: IngestChecks, mask: Volume | None) -> tuple[Series, Volume, np.ndarray | None] | None:
-    """The first candidate CT that loads and, when there is a mask, carries it on its voxels.
-
-    A mask is drawn on one series: if the preferred series is unreadable, a second series (e.g. a
-    thick recon) is used only when the mask fits it too; otherwise the patient is `unreadable`.
-    """
-    named = p.rows[0].ct_series_uid or None
-    candidates = ct_candidates(p.job["series"], named)
-    for s in p.job["series"]:
-        if s not in candidates:
-            p.series.append({"series": s.name, "status": NOT_CANDIDATE, "notes": s.notes})
-    if not candidates:
-        what = "the series named in ct_series_uid is not in the export" if named else "no axial CT series in the export"
-        p.add(None, "no_ct", what)
-        return None
-    problems, mismatches = [], []
-    for s in candidates:
-        try:
-            volume = load_series(s, checks.series).canonical()
-            labels = None if mask is None else mask_on_ct(mask, volume, f"mask of {p.job['pseudonym']}")
-        except SeriesError as exc:
-            p.series.append({"series": s.name, "status": exc.code, "notes": [*s.notes, p.scrub(str(exc))]})
-            problems.append(f"{exc.code}: {exc}")
-            continue
-        except CohortError as exc:  # the mask does not lie on this series
-            p.series.append({"series": s.name, "status": "mask_mismatch", "notes": [*s.notes, p.scrub(str(exc))]})
-            mismatches.append(str(exc))
-            continue
-        p.series.append({"series": s.name, "status": USED, "notes": s.notes})
-        for other in candidates[candidates.index(s) + 1 :]:
-            p.series.append({"series": other.name, "status": UNUSED, "notes": other.notes})
-        for note in s.notes:
-            p.add(None, note=note, flag=note.split(":")[0])
-        if problems or mismatches:
-            p.add(None, note="preferred series rejected: " + " | ".join(problems + mismatches), flag="series_fallback")
-        return s, volume, labels
-    if problems:
-        p.add(None, "unreadable", "no usable CT series: " + " | ".join(problems + mismatches))
-    else:
-        p.add(None, "mask_mismatch", " | ".join(mismatches))
-    return None
-
-
 def _work(p: _Patient) -> None:
     job, checks, roi = p.job, p.job["checks"], p.job["roi"]
     mask = None
@@ -258,11 +131,16 @@ def _work(p: _Patient) -> None:
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
             p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}")
             return
-    chosen = _choose_and_load(p, checks, mask)
-    if chosen is None:
+    named = p.rows[0].ct_series_uid or None
+    choice = choose_ct(job["series"], checks.series, named, mask, p.scrub, f"mask of {job['pseudonym']}")
+    p.series = choice.report
+    if choice.volume is None:
+        p.add(None, choice.reason, choice.message)
         return
-    ct, volume, labels = chosen
-    dicom_date = _parse_dicom_date(ct.slices[0].date)
+    for note in choice.notes:
+        p.add(None, note=note, flag=note.split(":")[0])
+    volume, labels = choice.volume.canonical(), choice.labels
+    dicom_date = _parse_dicom_date(choice.series.slices[0].date)
     for r in p.rows:  # without ct_date in the CSV, the interval uses the series' DICOM date
         if r.ct_date is None and "interval" in r.exclusions(dicom_date):
             p.add(r.row, "interval", f"CT (DICOM date) and MRI more than {MAX_CT_MRI_DAYS} days apart")
@@ -272,34 +150,21 @@ def _work(p: _Patient) -> None:
             p.arrays.update(_volume_arrays(volume, None, roi.volume_spacing))
         return
 
-    q = checks.quality
-    slice_mm = float(volume.spacing.max())
     by_id = level_voxels(labels)
     for r in p.rows:
-        voxels, centre = locate_level(by_id, volume, r.level)
-        if centre is None:
-            p.add(r.row, "level_not_in_fov", f"level {r.level} is outside the CT's field of view")
+        check = check_level(volume, by_id, r.level, checks.quality)
+        for reason in check.reasons:
+            p.add(r.row, reason)
+        for flag in check.flags:
+            p.add(r.row, flag=flag)
+        for note in check.notes:
+            p.add(r.row, note=note)
+        if check.centre is None:
             continue
-        box = check_box(voxels, centre, volume)
-        if voxels is None:  # in view, but the mask lacks it: ROI centred on the estimate
-            p.add(
-                r.row,
-                note=f"level {r.level} is in view but not in the mask; ROI centred on its estimated position",
-                flag="level_mask_missing",
-            )
-        dense = implant_ml(volume, box, q)
-        if dense >= q.implant_min_ml:
-            p.add(r.row, "implant", f"{dense:.2f} ml above {q.implant_hu:g} HU in or next to {r.level} (cement or metal)")
-        noise = noise_hu(volume, box, q)
-        p.results[r.row]["qc"] = {"implant_ml": round(dense, 3), "noise_hu": round(noise, 1), "slice_mm": round(slice_mm, 2)}
-        if noise > q.max_noise_hu:
-            p.add(r.row, "image_quality", f"soft-tissue noise {noise:.0f} HU exceeds {q.max_noise_hu:g} HU")
-        if slice_mm > q.max_slice_mm:
-            p.add(r.row, "image_quality", f"voxels {slice_mm:.1f} mm apart exceed {q.max_slice_mm:g} mm")
+        p.results[r.row]["qc"] = check.qc
         if p.results[r.row]["reasons"]:
             continue
-        p.arrays[f"r{r.row}_image"], p.arrays[f"r{r.row}_mask"], spacing = cut_roi(volume, voxels, centre, roi)
-        p.results[r.row]["qc"]["roi_mm"] = round(spacing, 4)
+        p.arrays[f"r{r.row}_image"], p.arrays[f"r{r.row}_mask"] = check.cut(volume, roi)
     if p.arrays and roi.volume_spacing:  # a patient the study keeps: its whole CT serves segmentation
         p.arrays.update(_volume_arrays(volume, labels, roi.volume_spacing))
 
@@ -316,20 +181,6 @@ def _volume_arrays(volume: Volume, labels: np.ndarray | None, spacing: float) ->
     if labels_rs is not None:
         arrays["volume_labels"] = labels_rs.astype(np.uint8)
     return arrays
-
-
-def _body_volume(voxels: np.ndarray | None, volume: Volume) -> Volume:
-    """The body's mask on its bounding box of CT voxels (all zero when the mask lacks the level)."""
-    if voxels is None:
-        return Volume(np.zeros((1, 1, 1), np.float32), volume.affine)
-    # One voxel of margin (within the CT) so that sampling rounds at the box edge as on the full grid.
-    lo = np.maximum(voxels.min(axis=0) - 1, 0)
-    hi = np.minimum(voxels.max(axis=0) + 1, np.array(volume.array.shape) - 1)
-    box = np.zeros(hi - lo + 1, np.float32)
-    box[tuple((voxels - lo).T)] = 1.0
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.world(lo[None].astype(float))[0]
-    return Volume(box, affine)
 
 
 def _finish(p: _Patient) -> dict:
@@ -376,23 +227,6 @@ def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | No
     return h.hexdigest()
 
 
-def _scan(cohort: Path, num_workers: int, progress: bool, pool) -> dict:
-    """Reads every file's header once: series per patient, and how many files of each kind."""
-    files = list_files(cohort / DICOM_DIR)
-    chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
-    scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress, pool)
-    all_series = group_series([h for hs, _ in scanned for h in hs])
-    by_patient: dict[str, list[Series]] = {}
-    for s in all_series:
-        by_patient.setdefault(s.patient_id, []).append(s)
-    return {
-        "files": len(files),
-        "kinds": sum((k for _, k in scanned), Counter()),
-        "series": len(all_series),
-        "by_patient": by_patient,
-    }
-
-
 def _jobs(
     cohort: Path, rows: list[ClinicalRow], by_patient: dict, key: bytes, settings: str, roi, checks, out: Path, masks=None
 ) -> list[dict]:
@@ -429,7 +263,7 @@ def _jobs(
 def ingest(
     cohort: str | Path,
     cache_root: str | Path,
-    roi: RoiSpec = RoiSpec(),
+    roi: RoiSpec,
     key_file: str | Path = "~/.cache/ovcf/pseudonym.key",
     num_workers: int = 1,
     progress: bool = True,
@@ -464,9 +298,9 @@ def ingest(
     for sub in ("samples", "patients"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with worker_pool(num_workers) as pool:  # workers start once for both passes
-        scan = _scan(cohort, num_workers, progress, pool)
+        scan = scan_folder(cohort / DICOM_DIR, num_workers, progress, pool)
         records, jobs = {}, []
-        for job in _jobs(cohort, rows, scan["by_patient"], key, settings, roi, checks, out, masks):
+        for job in _jobs(cohort, rows, scan.by_patient(), key, settings, roi, checks, out, masks):
             done = out / "patients" / f"{job['pseudonym']}.json"
             record = json.loads(done.read_text()) if done.exists() else {}
             if record.get("hash") == job["hash"]:
@@ -487,9 +321,9 @@ def ingest(
         s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in (USED, NOT_CANDIDATE, UNUSED)
     )
     totals = {
-        "files": scan["files"],
-        **{kind: scan["kinds"].get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
-        "series": scan["series"],
+        "files": len(scan.files),
+        **{kind: scan.kinds.get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
+        "series": len(scan.series),
         "series_rejected": dict(sorted(rejected.items())),
         "patients_reused": len(records) - len(jobs),
         "patients_ingested": len(jobs),

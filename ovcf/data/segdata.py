@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import LEVEL_IDS
-from ovcf.data.datamodule import CohortDataModule, window_hu
+from ovcf.data.datamodule import CohortDataModule
 from ovcf.data.instances import region_target
+from ovcf.data.roi import window_hu
 from ovcf.data.sampling import split_index
 from ovcf.errors import ConfigError
 
@@ -34,7 +35,7 @@ class VolumeDataset(Dataset):
             labels = v["labels"].astype(np.int64)
             self.items.append(
                 {
-                    "image": window_hu(v["image"], hu_window)[None],
+                    "image": torch.from_numpy(window_hu(v["image"], hu_window))[None],
                     "label": torch.from_numpy(region_target(labels))[None],
                     "verse": torch.from_numpy(labels)[None],
                     "fractured": fractured,

@@ -1,16 +1,22 @@
-"""Diagnostic-accuracy statistics as a paper reports them: AUC with a DeLong CI, the paired DeLong
-test, sensitivity, specificity, accuracy, PPV and NPV at a frozen threshold with Wilson or
-patient-cluster bootstrap CIs, calibration, and the Buderer sample size.
+"""Every metric of the project, on arrays, independent of any model.
+
+- Diagnostic accuracy as a paper reports it: AUC with a DeLong CI, the paired DeLong test,
+  sensitivity, specificity, accuracy, PPV and NPV at a frozen threshold with Wilson or
+  patient-cluster bootstrap CIs, calibration, and the Buderer sample size (numpy/scipy, tested
+  against scikit-learn and published examples).
+- The scores a training run logs: `binary_metrics` (torchmetrics, per epoch) for classifiers; the
+  Dice family for label maps (`label_confusion`, `level_scores`, `dice`, `label_dice`, `matched_dice`).
 
 Acute is the positive class; a vertebra is called acute when its probability is >= the threshold.
-Everything here is plain numpy/scipy on arrays, so it is tested against scikit-learn and against
-published examples, independently of any model.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import stats
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryRecall, BinarySpecificity
 
 RATES = ("sensitivity", "specificity", "accuracy", "ppv", "npv")
 
@@ -291,3 +297,88 @@ def _rounded_up(pos: float, neg: float, prevalence: float) -> dict:
 def achieved_half_width(value: float, n: int, alpha: float = 0.05) -> float:
     """Half-width of the Wald CI that n rows afford for a proportion near `value` (the inverse of Buderer)."""
     return _z(alpha) * float(np.sqrt(value * (1 - value) / n)) if n else float("nan")
+
+
+# --- scores a training run logs ----------------------------------------------------------------
+
+
+def binary_metrics(prefix: str = "") -> MetricCollection:
+    """AUROC, and accuracy, sensitivity and specificity at probability 0.5 (acute is positive): a
+    classifier's epoch metrics, and the fold ensemble's, computed the same way."""
+    return MetricCollection(
+        {
+            "auroc": BinaryAUROC(),
+            "accuracy": BinaryAccuracy(),
+            "sensitivity": BinaryRecall(),
+            "specificity": BinarySpecificity(),
+        },
+        prefix=prefix,
+    )
+
+
+def binary_scores(labels, probabilities) -> dict[str, float]:
+    """`binary_metrics` of whole arrays (labels 0/1, acute probabilities), as plain floats."""
+    metrics = binary_metrics()
+    metrics.update(torch.as_tensor(probabilities, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.int64))
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+def label_confusion(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Voxel counts (num_classes, num_classes) of two label maps: rows the true class, columns the predicted one."""
+    index = truth.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def level_scores(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-level Dice and level identification of one volume, from its confusion matrix.
+
+    Dice of level c is 2 |P_c & T_c| / (|P_c| + |T_c|): every voxel predicted as c counts against it, wherever it lies,
+    including on another vertebra. Dice is only defined for levels present in the ground truth (NaN otherwise, as
+    MONAI's `ignore_empty`): a level predicted but absent from the truth has no Dice of its own; its voxels lower the
+    Dice of the true levels they were taken from, and it is counted by `spurious` instead.
+
+    A true body is identified when the majority of its voxels predicted as some vertebra (background ignored) carry its
+    own level; a body predicted entirely as background is not identified.
+
+    Returns:
+        dice: (K - 1,) float, NaN for levels absent from the truth.
+        identified: (K - 1,) bool, meaningful only where the level is present in the truth.
+        spurious: (K - 1,) bool, levels predicted somewhere but absent from the truth.
+    """
+    cm = cm.double()
+    truth, pred, hit = cm.sum(1)[1:], cm.sum(0)[1:], cm.diagonal()[1:]
+    present = truth > 0
+    dice = torch.where(present, 2 * hit / (truth + pred).clamp_min(1), torch.full_like(hit, float("nan")))
+    foreground = cm[1:, 1:]
+    identified = (foreground.argmax(1) == torch.arange(len(hit), device=cm.device)) & (foreground.sum(1) > 0)
+    return dice, identified & present, (pred > 0) & ~present
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks (NaN when both are empty)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    total = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int((pred & truth).sum()) / total if total else float("nan")
+
+
+def label_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    """Dice of every label present in `truth` against the same label in `pred` (label maps on one grid)."""
+    n = int(max(pred.max(initial=0), truth.max(initial=0))) + 1
+    cm = label_confusion(torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(np.asarray(truth, np.int64)), n)
+    scores, _, _ = level_scores(cm)
+    return {label + 1: float(d) for label, d in enumerate(scores.tolist()) if d == d}
+
+
+def matched_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    """Dice of every true label with the predicted label that overlaps it most, whatever its number.
+
+    Separates outlining from naming: a count that is off by one level scores 0 in `label_dice` but
+    full marks here when every body is outlined well.
+    """
+    out = {}
+    for label in sorted(int(v) for v in np.unique(truth) if v):
+        t = truth == label
+        ids, counts = np.unique(pred[t], return_counts=True)
+        counts, ids = counts[ids > 0], ids[ids > 0]
+        out[label] = dice(pred == ids[np.argmax(counts)], t) if len(ids) else 0.0
+    return out

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ovcf.cli import check_overrides, config_dir, guarded
+from ovcf.cli import hydra_main
 from ovcf.synth.cohort import difficulty_summary, generate_cohort
 
 
@@ -23,11 +21,7 @@ def synth(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="synth")
-def main(cfg: DictConfig) -> None:
-    guarded(synth, cfg)
-
+main = hydra_main("synth", synth)
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
     main()

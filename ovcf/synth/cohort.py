@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from ovcf.contract import (
 )
 from ovcf.errors import ConfigError
 from ovcf.parallel import pool_map
+from ovcf.synth import GENERATOR_VERSION
 from ovcf.synth.anatomy import ablation_cues, apply_fracture_heights, draw_fracture, draw_spine
 from ovcf.synth.difficulty import FEATURES, baseline_auc, fracture_features
 from ovcf.synth.export import PatientHeader, write_ct_series, write_localizer, write_mask, write_mr_series
@@ -286,3 +288,26 @@ def difficulty_summary(out: Path) -> str:
         f"{fmt(report['external_auc'])} fitted on the first center and scored on the others.\n"
         f"Montage of mid-sagittal views: {(Path(out) / 'montage.png').resolve()}"
     )
+
+
+OPTIONAL = ("ablate", "render_centers")  # generator options that are off by default
+
+
+def synthetic_folder(data_dir: Path, params: dict) -> Path:
+    """Folder of a generated cohort under `data_dir`, named by the generator's version and parameters."""
+    # Options that are off leave the name as it was before they existed.
+    params = {k: v for k, v in params.items() if k not in ("num_workers", "progress") and (v or k not in OPTIONAL)}
+    key = json.dumps([GENERATOR_VERSION, params], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(data_dir).expanduser() / "synthetic" / f"seed{params.get('seed', 0)}-{digest}"
+
+
+def synthetic_cohort(data_dir: Path, params: dict, num_workers: int = 1, progress: bool = True) -> Path:
+    """The synthetic cohort of `params` under `data_dir` (absolute), generated on first use and reused after."""
+    path = synthetic_folder(data_dir, params).resolve()
+    if not (path / "synth.json").exists():
+        print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
+        params = {k: v for k, v in params.items() if k != "num_workers"}
+        generate_cohort(path, num_workers=num_workers, progress=progress, **params)
+        print(difficulty_summary(path))
+    return path

@@ -5,12 +5,14 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryRecall, BinarySpecificity
 
 from ovcf.data.sampling import seed_epoch
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import binary_metrics
+from ovcf.eval.wandb_media import case_media
 from ovcf.models import create_model
 
 N_CLINICAL = 3  # age, sex, DXA T-score (ovcf.data.datamodule.clinical_features)
@@ -25,19 +27,6 @@ def plain(kwargs) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(kwargs, resolve=True)
-
-
-def binary_metrics(prefix: str = "") -> MetricCollection:
-    """AUROC, and accuracy, sensitivity and specificity at probability 0.5 (acute is positive)."""
-    return MetricCollection(
-        {
-            "auroc": BinaryAUROC(),
-            "accuracy": BinaryAccuracy(),
-            "sensitivity": BinaryRecall(),
-            "specificity": BinarySpecificity(),
-        },
-        prefix=prefix,
-    )
 
 
 class ClassificationTask(L.LightningModule):
@@ -129,13 +118,9 @@ class ClassificationTask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """W&B (when it logs): the external ROC, the confusion matrix at 0.5 and the per-case table."""
-        from lightning.pytorch.loggers import WandbLogger
-
         loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
         if not loggers or not self.test_predictions:
             return
-        from ovcf.eval.wandb_media import case_media
-
         rows = self.test_predictions
         media = case_media("test", [r["id"] for r in rows], [r["label"] for r in rows], [r["probability"] for r in rows], 0.5)
         for lg in loggers:

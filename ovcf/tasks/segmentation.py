@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
@@ -23,6 +24,8 @@ from ovcf.data.instances import REGIONS, Assignment, assign_levels
 from ovcf.data.levels import encode_verse, level_classes
 from ovcf.data.sampling import seed_epoch
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import dice, label_confusion, level_scores
+from ovcf.eval.overlay import overlay
 from ovcf.models import create_model
 from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
 from ovcf.models.regions import SliceRegionNet, axial_slabs, slice_regions
@@ -53,42 +56,6 @@ def _patch_size(patch_size) -> list[int]:
     if len(ints) != 3 or min(ints) < 1 or ints != list(size):
         raise ConfigError(f"patch_size {patch_size} must be three positive ints, e.g. [64, 64, 64]")
     return ints
-
-
-def confusion(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Voxel counts (num_classes, num_classes): rows are the true class, columns the predicted one."""
-    index = truth.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def level_scores(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-level Dice and level identification of one volume, from its confusion matrix.
-
-    Dice of level c is 2 |P_c & T_c| / (|P_c| + |T_c|): every voxel predicted as c counts against it, wherever it lies,
-    including on another vertebra. Dice is only defined for levels present in the ground truth (NaN otherwise, as
-    MONAI's `ignore_empty`): a level predicted but absent from the truth has no Dice of its own; its voxels lower the
-    Dice of the true levels they were taken from, and it is counted by `spurious` instead.
-
-    A true body is identified when the majority of its voxels predicted as some vertebra (background ignored) carry its
-    own level; a body predicted entirely as background is not identified.
-
-    Returns:
-        dice: (K - 1,) float, NaN for levels absent from the truth.
-        identified: (K - 1,) bool, meaningful only where the level is present in the truth.
-        spurious: (K - 1,) bool, levels predicted somewhere but absent from the truth.
-    """
-    cm = cm.double()
-    truth, pred, hit = cm.sum(1)[1:], cm.sum(0)[1:], cm.diagonal()[1:]
-    present = truth > 0
-    dice = torch.where(present, 2 * hit / (truth + pred).clamp_min(1), torch.full_like(hit, float("nan")))
-    foreground = cm[1:, 1:]
-    identified = (foreground.argmax(1) == torch.arange(len(hit), device=cm.device)) & (foreground.sum(1) > 0)
-    return dice, identified & present, (pred > 0) & ~present
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum()) + int(truth.sum())
-    return 2.0 * int((pred & truth).sum()) / total if total else float("nan")
 
 
 class SegmentationTask(L.LightningModule):
@@ -159,15 +126,10 @@ class SegmentationTask(L.LightningModule):
             raise ConfigError(
                 f"model_kwargs must not set {clash}: the input is one CT channel and the classes are background and body"
             )
-        build = dict(model_kwargs)
-        if model_name == "unetr_pp":
-            build.setdefault("img_size", patch_size)
-            if [int(s) for s in build["img_size"]] != patch_size:
-                raise ConfigError(
-                    f"unetr_pp img_size {build['img_size']} differs from patch_size {patch_size}: UNETR++ only accepts "
-                    "img_size inputs, and sliding windows are patch_size; leave img_size unset"
-                )
-        self.net = create_model(model_name, task="segmentation", in_channels=1, out_channels=self.num_classes, **build)
+        # input_size: the network's own rule fits its arguments to the patch (e.g. UNETR++'s img_size) or refuses it
+        self.net = create_model(
+            model_name, task="segmentation", input_size=patch_size, in_channels=1, out_channels=self.num_classes, **model_kwargs
+        )
         if int(region_slab) < 1:
             raise ConfigError(f"region_slab must be at least 1 slice, got {region_slab}")
         self.regions = SliceRegionNet(int(region_slab), len(REGIONS))
@@ -279,20 +241,22 @@ class SegmentationTask(L.LightningModule):
             spacing = batch["spacing"][b].cpu().numpy() if "spacing" in batch else np.ones(3)
             pred, _ = self.levels_of(regions[b], spacing)
             truth = self._restrict(batch["verse"][b, 0].cpu().numpy())
-            cm = confusion(encode_verse(torch.from_numpy(pred)), encode_verse(torch.from_numpy(truth)), len(LEVEL_ORDER) + 1)
-            dice, identified, extra = level_scores(cm)
-            present = ~dice.isnan()
+            cm = label_confusion(
+                encode_verse(torch.from_numpy(pred)), encode_verse(torch.from_numpy(truth)), len(LEVEL_ORDER) + 1
+            )
+            per_level, identified, extra = level_scores(cm)
+            present = ~per_level.isnan()
             fractured = set(batch["fractured"][b].nonzero().flatten().tolist()) if "fractured" in batch else set()
             for i in present.nonzero().flatten().tolist():
-                scores["dice_sum"][i] += float(dice[i])
+                scores["dice_sum"][i] += float(per_level[i])
                 scores["dice_n"][i] += 1
                 group = "fractured" if LEVEL_IDS[LEVEL_ORDER[i]] in fractured else "intact"
-                scores[group].append(float(dice[i]))
+                scores[group].append(float(per_level[i]))
             scores["identified"] += int(identified.sum())
             scores["bodies"] += int(present.sum())
             if present.any():
-                dices.append(float(dice[present].mean()))
-            body = _dice(pred > 0, truth > 0)
+                dices.append(float(per_level[present].mean()))
+            body = dice(pred > 0, truth > 0)
             if body == body:
                 bodies.append(body)
             spurious.append(float(extra.sum()))
@@ -306,10 +270,10 @@ class SegmentationTask(L.LightningModule):
         self.log(f"{stage}/spurious_levels", float(np.mean(spurious)), on_step=False, on_epoch=True, batch_size=len(image))
 
     def _log_epoch(self, stage: str) -> None:
-        for level, dice in self.per_level_dice(stage).items():
-            self.log(f"{stage}/dice_{level}", dice)
-        for group, dice in self.fracture_dice(stage).items():
-            self.log(f"{stage}/dice_{group}", dice)
+        for level, value in self.per_level_dice(stage).items():
+            self.log(f"{stage}/dice_{level}", value)
+        for group, value in self.fracture_dice(stage).items():
+            self.log(f"{stage}/dice_{group}", value)
         accuracy = self.level_accuracy(stage)
         if accuracy == accuracy:  # not NaN
             self.log(f"{stage}/level_accuracy", accuracy)
@@ -317,10 +281,6 @@ class SegmentationTask(L.LightningModule):
 
     def _log_overlays(self, stage: str) -> None:
         """Predicted vs true levels on mid-sagittal CT slices, to W&B when it logs (nothing otherwise)."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        from ovcf.eval.overlay import overlay
-
         loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
         if loggers and self.overlays[stage] and not self.trainer.sanity_checking:
             images = [overlay(*item) for item in self.overlays[stage]]

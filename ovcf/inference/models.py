@@ -1,0 +1,105 @@
+"""Trained models, loaded and applied: a segmenter to a CT, a classifier to ROI cubes.
+
+Evaluate, export, predict, segment and the sign ablation all load checkpoints and run networks
+through these functions, so a model is fed at inference exactly as its data module fed it in
+training (HU window, resampling, the count of levels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ovcf.data.instances import Assignment
+from ovcf.data.roi import window_hu
+from ovcf.data.volume import Volume, resample_volume
+from ovcf.errors import ConfigError
+from ovcf.tasks import ClassificationTask, SegmentationTask
+
+
+def _checkpoint(ckpt: str | Path, what: str) -> tuple[Path, dict]:
+    path = Path(ckpt).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {ckpt} not found; pass a checkpoint of a task={what} run")
+    return path, torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _data_settings(raw: dict, path: Path) -> dict:
+    data = raw.get("datamodule_hyper_parameters")
+    if not data or "hu_window" not in data:
+        raise ConfigError(f"{path} holds no data settings (HU window, ROI); it predates this ovcf: train it again")
+    return data
+
+
+def load_classifier(ckpt: str | Path, device: str = "cpu") -> tuple[ClassificationTask, dict]:
+    """The ClassificationTask of a checkpoint, in eval mode, and its data module's settings."""
+    path, raw = _checkpoint(ckpt, "classification")
+    if "clinical" not in raw.get("hyper_parameters", {}):
+        raise ConfigError(f"{path} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
+    data = _data_settings(raw, path)
+    return ClassificationTask.load_from_checkpoint(path, map_location=device).eval(), data
+
+
+def load_segmenter(ckpt: str | Path, device: str = "cpu") -> tuple[SegmentationTask, dict]:
+    """The SegmentationTask of a checkpoint, in eval mode, and what it reads: HU window and volume spacing (mm)."""
+    path, raw = _checkpoint(ckpt, "segmentation")
+    if not {"model_name", "min_body_ml", "region_slab"} <= set(raw.get("hyper_parameters", {})):
+        raise ConfigError(f"{path} is not a segmentation checkpoint of this ovcf version (train one with task=segmentation)")
+    data = _data_settings(raw, path)
+    task = SegmentationTask.load_from_checkpoint(path, map_location=device).eval()
+    return task, {"hu_window": tuple(float(v) for v in data["hu_window"]), "spacing": float(data["volume_spacing"])}
+
+
+@torch.no_grad()
+def score(task: ClassificationTask, dataset, batch_size: int = 32) -> torch.Tensor:
+    """Acute probabilities of every ROI of `dataset` (a `VertebraDataset`), in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    device = next(task.parameters()).device
+    probs = [torch.sigmoid(task.logits({k: v.to(device) for k, v in b.items() if k != "id"}).float()).cpu() for b in loader]
+    return torch.cat(probs) if probs else torch.zeros(0)
+
+
+def to_ct_grid(labels: np.ndarray, labels_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
+    """Nearest-neighbour copy of a label map onto the CT's voxels (both RAS affines); outside it, 0."""
+    to_labels = np.linalg.inv(labels_affine) @ ct_affine  # CT voxel index -> label voxel index
+    return ndimage.affine_transform(
+        np.asarray(labels, np.uint8),
+        to_labels[:3, :3],
+        offset=to_labels[:3, 3],
+        output_shape=tuple(int(n) for n in ct_shape),
+        order=0,
+        mode="constant",
+        cval=0,
+        prefilter=False,
+    )
+
+
+def segment_volume(task: SegmentationTask, image_hu: np.ndarray, spacing: float, hu_window) -> tuple[np.ndarray, Assignment]:
+    """VerSe ids on the resampled grid of one CT (HU, RAS, `spacing` mm), and how the levels were counted."""
+    image = torch.from_numpy(window_hu(image_hu, hu_window))[None, None]
+    verse, assignment = task.predict_volume(image, (spacing,) * 3)
+    return verse.cpu().numpy().astype(np.uint8), assignment
+
+
+@dataclass
+class Segmentation:
+    """A segmenter's output for one CT: VerSe ids on its resampled grid, and how the levels were counted."""
+
+    verse: np.ndarray
+    affine: np.ndarray
+    assignment: Assignment
+
+    def on_grid(self, volume: Volume) -> np.ndarray:
+        """The VerSe ids on `volume`'s own voxels (the canonical CT, or the series as read)."""
+        return to_ct_grid(self.verse, self.affine, volume.affine, volume.array.shape)
+
+
+def segment_ct(task: SegmentationTask, settings: dict, volume: Volume) -> Segmentation:
+    """Segments and counts the vertebral bodies of a canonical CT at the segmenter's spacing and HU window."""
+    image, _, affine = resample_volume(volume, None, settings["spacing"])
+    verse, assignment = segment_volume(task, image, settings["spacing"], settings["hu_window"])
+    return Segmentation(verse, affine, assignment)

@@ -1,0 +1,317 @@
+"""One new patient's CT through the exported system: segment, measure, classify, explain.
+
+Each patient's CT series is chosen and validated by the one CT path (`ovcf.data.ct`), as cohort
+ingest does: a series ingest would reject is refused with its reason. Its vertebral bodies are
+segmented by the system's segmenter, the requested levels are checked as ingest checks a cohort
+row (field of view, cement or metal, noise) and cropped as in training, and each is classified by
+the system's model(s) at the frozen threshold, with a Grad-CAM overlay. Everything written is named
+by the patient's pseudonym only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
+from ovcf.data.ct import Case, check_level, load_case, slice_problem
+from ovcf.data.datamodule import VertebraDataset
+from ovcf.data.heights import level_heights
+from ovcf.data.pseudonym import pseudonym
+from ovcf.data.quality import level_voxels
+from ovcf.data.roi import RoiSpec
+from ovcf.data.series import validate
+from ovcf.data.volume import Volume
+from ovcf.errors import CohortError, ConfigError, OvcfError
+from ovcf.eval.gradcam import ensemble_gradcam, overlay_figure
+from ovcf.inference.models import score, segment_ct
+from ovcf.inference.system import System
+from ovcf.parallel import track
+
+
+def choose_levels(levels, heights: dict[str, dict]) -> list[str]:
+    """The levels to classify: the named ones, `auto` (Genant grade >= 1 on the mask), or `all` (every body found)."""
+    if isinstance(levels, str) and levels in ("auto", "all"):
+        picked = [lv for lv, h in heights.items() if levels == "all" or (h["genant_grade"] or 0) >= 1]
+    else:
+        picked = [levels] if isinstance(levels, str) else [str(v) for v in levels]
+        unknown = [lv for lv in picked if lv not in LEVEL_IDS]
+        if unknown:
+            raise ConfigError(f"levels={levels}: unknown level(s) {', '.join(unknown)}; use C1..L6 or T13, auto, or all")
+    return sorted(dict.fromkeys(picked), key=LEVEL_ORDER.index)
+
+
+def _level(volume: Volume, by_id: dict, level: str, system: System) -> tuple[dict, tuple | None]:
+    """The protocol checks of one level (as ingest checks a cohort row) and, when nothing excludes it, its ROI."""
+    check = check_level(volume, by_id, level, system.checks.quality)
+    if check.centre is None:
+        return {"status": "not_in_fov", "note": check.notes[0]}, None
+    entry = {"status": "excluded" if check.reasons else "classified", "excluded": check.reasons, "flags": check.flags}
+    roi = None if check.reasons else check.cut(volume, RoiSpec.from_settings(system.pre))
+    return entry | {"qc": check.qc}, roi
+
+
+def classify(system: System, rois: dict[str, tuple], name: str, clinical: dict) -> tuple[dict[str, float], np.ndarray, object]:
+    """Mean acute probability of the system's models per level, the Grad-CAM maps and the dataset."""
+    levels = list(rois)
+    rows = [{"pseudonym": name, "level": lv, "label": "chronic", **clinical} for lv in levels]
+    ds = VertebraDataset(
+        rows,
+        np.stack([rois[lv][0] for lv in levels]).astype(np.float32),
+        np.stack([rois[lv][1] for lv in levels]),
+        system.pre["hu_window"],
+        mask_channel=int(system.pre["in_channels"]) == 2,
+    )
+    probs = torch.stack([score(task, ds) for task in system.classifiers]).mean(0).tolist()
+    device = next(system.classifiers[0].parameters()).device
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
+    cams = ensemble_gradcam(system.classifiers, images, ds.clinical.to(device))
+    return dict(zip(levels, probs)), cams, ds
+
+
+def predict_patient(
+    case: Case, name: str, system: System, out: Path, levels="auto", clinical: dict | None = None, **options
+) -> dict:
+    """Segments, measures and classifies one patient `name` (its pseudonym); writes `<out>/<name>/` and returns its report.
+
+    Options: `nifti` (the predicted mask as `mask.nii.gz`) and `dicom_seg` (as a DICOM SEG on the source series).
+    """
+    start = time.perf_counter()
+    choice = load_case(case, system.checks, name)
+    raw, series, notes = choice.volume, choice.series, list(choice.notes)
+    volume = raw.canonical()
+    problem = slice_problem(volume, system.checks.quality)
+    if problem:  # ingest excludes every row of such a CT
+        raise CohortError(f"{name}: refused (image_quality): {problem}")
+    segmentation = segment_ct(system.segmenter, system.seg_settings, volume)
+    labels = segmentation.on_grid(volume)
+    heights = level_heights(labels, volume.spacing)
+    chosen = choose_levels(levels, heights)
+    by_id = level_voxels(labels)
+    checked = {lv: _level(volume, by_id, lv, system) for lv in chosen}
+    ready = {lv: roi for lv, (_, roi) in checked.items() if roi is not None}
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    probs, cams = {}, None
+    if ready:
+        features = {"age": float("nan"), "sex": "", "dxa_t_score": float("nan"), **(clinical or {})}
+        probs, cams, ds = classify(system, ready, name, features)
+    entries = []
+    for lv in chosen:
+        entry = {"level": lv, "in_mask": lv in heights, "heights": heights.get(lv), **checked[lv][0]}
+        if lv in probs:
+            p = float(probs[lv])
+            i = list(ready).index(lv)
+            png = folder / f"{name}_{lv}_gradcam.png"
+            caption = f"{name} {lv}\np={p:.2f}"
+            overlay_figure(
+                [{"image": ds[i]["image"][0].numpy(), "cam": cams[i], "caption": caption}], png, f"{lv}: {_decision(p, system)}"
+            )
+            entry |= {"probability": p, "decision": _decision(p, system), "threshold": system.threshold, "gradcam": png.name}
+        entries.append(entry)
+    files = {}
+    if options.get("nifti"):
+        nib.save(nib.Nifti1Image(labels, volume.affine), folder / "mask.nii.gz")
+        files["mask"] = "mask.nii.gz"
+    if options.get("dicom_seg"):
+        if series is None:
+            notes.append("dicom_seg: skipped, the input is NIfTI (a DICOM SEG needs the source DICOM series)")
+        elif not heights:
+            notes.append("dicom_seg: skipped, the segmenter found no vertebral body")
+        else:
+            try:
+                write_dicom_seg(folder / "seg.dcm", series, segmentation.on_grid(raw), name, system)
+                files["dicom_seg"] = "seg.dcm"
+            except CohortError as exc:  # the prediction stands; only its SEG cannot be written
+                notes.append(f"dicom_seg: skipped, {exc}")
+    assignment = segmentation.assignment
+    report = {
+        "pseudonym": name,
+        "system": {
+            "version": system.meta.get("version"),
+            "threshold": system.threshold,
+            "rule": system.meta.get("threshold_rule"),
+        },
+        "series": None if series is None else series.name,
+        "notes": [case.scrub(n, name) for n in notes],
+        "ct": {"shape": list(volume.array.shape), "spacing_mm": [round(float(s), 3) for s in volume.spacing]},
+        "segmentation": {"levels": list(assignment.levels), "anchored": bool(assignment.anchored), "heights": heights},
+        "levels_requested": levels if isinstance(levels, str) else list(levels),
+        "levels": entries,
+        "files": files,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _decision(probability: float, system: System) -> str:
+    """Acute when the probability reaches the frozen threshold (as `ovcf.eval.metrics.confusion` calls it)."""
+    return "acute" if probability >= system.threshold else "chronic"
+
+
+COPIED = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
+    "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PatientSex", "SeriesNumber", "InstanceNumber",
+)  # fmt: skip
+
+
+def _source_header(path: str, name: str):
+    """The slice's geometry and UIDs, nothing that identifies the patient: PatientID and name become the pseudonym."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    clean = Dataset()
+    for keyword in COPIED:
+        if keyword in ds:
+            setattr(clean, keyword, ds.data_element(keyword).value)
+    clean.PatientID, clean.PatientName = name, f"{name}^"  # the caret: a one-component person name
+    for keyword in ("PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        setattr(clean, keyword, "")
+    return clean
+
+
+def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: System) -> Path:
+    """A DICOM SEG (highdicom) of the predicted levels on the source CT series, one segment per level.
+
+    `labels` are VerSe ids on the series' own voxels as `load_series` reads them (column, row, slice
+    in the validated slice order). The SEG references the CT's study, series and instances, so a
+    PACS viewer overlays it; its patient is the pseudonym and it carries no other patient data.
+    """
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source UIDs
+
+    ordered, _ = validate(replace(series, notes=[]), system.checks.series)
+    if any(h.frame >= 0 for h in ordered):
+        raise CohortError(f"{name}: dicom_seg supports single-frame CT series; {series.name} is multi-frame")
+    ids = [int(v) for v in np.unique(labels) if v]
+    if not ids:
+        raise CohortError(f"{name}: dicom_seg: the segmenter found no vertebral body, nothing to write")
+    lut = np.zeros(max(max(ids), max(LEVEL_IDS.values())) + 1, np.uint8)
+    names = {v: k for k, v in LEVEL_IDS.items()}
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="ovcf", version=str(system.meta.get("version", "")), family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    for number, verse in enumerate(ids, start=1):
+        lut[verse] = number
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=names.get(verse, str(verse)),
+                segmented_property_category=codes.SCT.AnatomicalStructure,
+                segmented_property_type=codes.SCT.Vertebra,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    pixels = np.stack([lut[labels[:, :, k].T] for k in range(labels.shape[2])])  # (frames, rows, columns)
+    seg = hd.seg.Segmentation(
+        source_images=[_source_header(h.path, name) for h in ordered],
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=901,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ovcf",
+        manufacturer_model_name="ovcf vertebral bodies",
+        software_versions=str(system.meta.get("version", "")),
+        device_serial_number="0",
+        content_label="VERTEBRAE",
+    )
+    seg.save_as(path)
+    return path
+
+
+SUMMARY = (
+    "pseudonym",
+    "level",
+    "status",
+    "probability",
+    "decision",
+    "height_loss",
+    "genant_grade",
+    "excluded",
+    "flags",
+    "seconds",
+)
+
+
+def _summary_rows(report: dict) -> list[dict]:
+    rows = []
+    for e in report["levels"]:
+        h = e.get("heights") or {}
+        rows.append(
+            {
+                "pseudonym": report["pseudonym"],
+                "level": e["level"],
+                "status": e["status"],
+                "probability": e.get("probability", ""),
+                "decision": e.get("decision", ""),
+                "height_loss": h.get("height_loss", ""),
+                "genant_grade": h.get("genant_grade", ""),
+                "excluded": ";".join(e.get("excluded", [])),
+                "flags": ";".join(e.get("flags", [])),
+                "seconds": report["seconds"],
+            }
+        )
+    return rows
+
+
+def predict_cases(
+    cases: list[Case],
+    key: bytes,
+    system: System,
+    out: Path,
+    levels="auto",
+    clinical: dict | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """`predict_patient` for every case, each under its pseudonym; one patient's refusal (printed in one
+    line) does not stop the others. Writes `<out>/summary.json` and `summary.csv`; returns the summary."""
+    named = sorted(((pseudonym(c.patient_id, key), c) for c in cases), key=lambda nc: nc[0])
+    done, refused, rows = [], {}, []
+    print(f"System {system.meta.get('version', '?')} ({system.folder}); {len(cases)} patient(s)")
+    for name, case in track(named, len(named), "Predicting", enabled=progress and len(named) > 1):
+        try:
+            report = predict_patient(case, name, system, out, levels, clinical, **options)
+        except OvcfError as exc:
+            message = case.scrub(str(exc), name)
+            refused[name] = message
+            if len(named) > 1:  # one patient's refusal is the run's error; among many, the others go on
+                print(f"error: {message}", file=sys.stderr)
+            continue
+        done.append(name)
+        rows += _summary_rows(report)
+        calls = ", ".join(
+            f"{e['level']} {e['decision']} (p={e['probability']:.2f})" if "decision" in e else f"{e['level']} {e['status']}"
+            for e in report["levels"]
+        )
+        print(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
+    summary = {"system": str(system.folder), "threshold": system.threshold, "patients": done, "refused": refused}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY)
+        writer.writeheader()
+        writer.writerows(rows)
+    if not done:
+        if len(refused) == 1:
+            raise CohortError(next(iter(refused.values())))
+        raise CohortError(f"all {len(refused)} patients were refused (see above); nothing predicted")
+    print(f"{len(done)} of {len(cases)} patient(s) predicted" + (f", {len(refused)} refused" if refused else "") + f": {out}")
+    return summary

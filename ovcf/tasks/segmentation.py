@@ -27,7 +27,6 @@ from ovcf.errors import ConfigError
 from ovcf.eval.metrics import dice, label_confusion, level_scores
 from ovcf.eval.overlay import overlay
 from ovcf.models import create_model
-from ovcf.models import segmenters as _segmenters  # noqa: F401  (registers "unet")
 from ovcf.models.regions import SliceRegionNet, axial_slabs, slice_regions
 from ovcf.tasks.classification import plain
 

@@ -95,6 +95,8 @@ def run_predictions(
     testers = run_members(Path(run), "test")
     for fold, ckpt in dict.fromkeys(validators + testers):  # a model that plays both roles is loaded once
         task, hp = load_classifier(ckpt, device)
+        if hp.get("cohort") is None or "data_dir" in hp:
+            raise ConfigError(f"{ckpt} records no cohort folder (it predates this ovcf's data settings): train it again")
         hp = {k: v for k, v in hp.items() if k != "augment"} | {"progress": progress, "num_workers": 0}
         dm = CohortDataModule(**hp)
         dm.setup("fit")

@@ -215,7 +215,7 @@ class CohortDataModule(L.LightningDataModule):
         if cohort is None:
             raise ConfigError(
                 "no cohort: set data.cohort to a cohort folder (python -m ovcf.train and the other entry points "
-                "generate the synthetic cohort when it is null; from Python use ovcf.synth.synthetic_cohort)"
+                "generate the synthetic cohort when it is null; from Python use ovcf.synth.cohort.synthetic_cohort)"
             )
         found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
         dev, ext = self._centers(found)

@@ -51,7 +51,7 @@ def ablate(cfg: DictConfig) -> Path:
             print(f"Rendering center {center} without {variant}" if variant != "none" else f"Rendering center {center}")
             generate_cohort(folder, num_workers=cfg.workers, progress=cfg.progress, report=False, **params)
         # Scored on the rendered cohort's own masks, with the run's ingest checks, ROI and HU window.
-        dataset, _ = cohort_dataset(data | {"roi_source": "given"}, folder, None, cfg.workers, cfg.progress)
+        dataset, _ = cohort_dataset(data, folder, None, cfg.workers, cfg.progress)
         rows = dataset.rows
         auroc = binary_scores(dataset.labels.int(), score(task, dataset))["auroc"]
         if variant == "none":  # the reference: which fractures carry each sign when nothing is switched off

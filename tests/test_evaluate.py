@@ -166,3 +166,13 @@ def test_notebook_rebuilds_the_evaluation(evaluated_sweep, monkeypatch):
     html_tables = " ".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "densenet121_3d" in html_tables and "auc" in html_tables
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves and the Grad-CAM gallery
+
+
+def test_another_cohort_needs_its_predicted_masks_when_the_model_was_trained_on_them(tmp_path):
+    from ovcf.errors import ConfigError
+    from ovcf.inference.runs import masks_for
+
+    assert masks_for({"roi_source": "given"}, tmp_path, "ignored") is None
+    assert masks_for({"roi_source": "predicted"}, tmp_path, "segmented") == "segmented"
+    with pytest.raises(ConfigError, match=r"segment the cohort first .*data.cohort=.*predicted_masks="):
+        masks_for({"roi_source": "predicted"}, tmp_path, None)

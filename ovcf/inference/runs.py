@@ -59,16 +59,22 @@ def _records(rows: list[dict], labels, probs, subset: str, fold) -> list[dict]:
     ]
 
 
-def cohort_dataset(hp: dict, cohort: Path, predicted_masks: str | None, workers: int, progress: bool):
-    """Every included row of a cohort as test rows, with a run's ingest checks, ROI and HU window; and its cache."""
-    masks = None
-    if hp.get("roi_source") == "predicted":
-        if not predicted_masks:
-            raise ConfigError(
-                "this model was trained on ROIs from predicted masks: segment the cohort first "
-                f"(python -m ovcf.segment ckpt=<segmenter.ckpt> data.cohort={cohort}) and pass predicted_masks=<that folder>"
-            )
-        masks = predicted_masks
+def masks_for(hp: dict, cohort: Path, predicted_masks: str | None) -> str | None:
+    """The masks a run's ROIs of another cohort come from: the cohort's own, or, for a model trained on
+    predicted masks, that cohort's predicted masks (which must be given)."""
+    if hp.get("roi_source") != "predicted":
+        return None
+    if not predicted_masks:
+        raise ConfigError(
+            "this model was trained on ROIs from predicted masks: segment the cohort first "
+            f"(python -m ovcf.segment ckpt=<segmenter.ckpt> data.cohort={cohort}) and pass predicted_masks=<that folder>"
+        )
+    return predicted_masks
+
+
+def cohort_dataset(hp: dict, cohort: Path, masks: str | None, workers: int, progress: bool):
+    """Every included row of a cohort as test rows, with a run's ingest checks, ROI and HU window, its ROIs
+    cut from `masks` (a folder of predicted masks; None: the cohort's own); and its cache."""
     roi = RoiSpec.from_settings(hp)
     checks = IngestChecks.from_config(hp.get("ingest"))
     cache = ingest(check_cohort(Path(cohort)), hp["cache_dir"], roi, hp["key_file"], workers, progress, checks, masks)
@@ -111,7 +117,8 @@ def run_predictions(
             ds, external, cache = dm.datasets["test"], dm.centers["external"], dm.cache
         else:
             if test_rows is None:  # ingest the new cohort once
-                ext_ds, cache = cohort_dataset(hp, Path(cohort), predicted_masks, workers, progress)
+                masks = masks_for(hp, Path(cohort), predicted_masks)
+                ext_ds, cache = cohort_dataset(hp, Path(cohort), masks, workers, progress)
             ds, external = ext_ds, str(cohort)
         probs = score(task, ds, batch_size)
         if test_rows is None:

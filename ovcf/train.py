@@ -26,6 +26,7 @@ from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
 from ovcf.eval.predictions import write_predictions
 from ovcf.models.registry import model_task
+from ovcf.tasks.checkpoint import read_checkpoint
 
 
 def _strip(metrics: dict, prefix: str) -> dict:
@@ -82,14 +83,22 @@ def finished(cfg: DictConfig, out: Path) -> dict | None:
 
 
 def resume_from(cfg: DictConfig, out: Path) -> str | None:
-    """`ckpt_path` if given; with `resume=true`, the run's own `last.ckpt` when an earlier attempt left one."""
+    """`ckpt_path` if given; with `resume=true`, the run's own `last.ckpt` when an earlier attempt left one.
+
+    The checkpoint is read once here with the weights-only loader, so a file that is not a plain
+    checkpoint is refused in one line that names it, before Lightning opens it."""
     if cfg.get("ckpt_path") or not cfg.get("resume"):
-        return cfg.get("ckpt_path")
-    last = out / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        print(f"Resuming from {last}")
-        return str(last)
-    return None
+        path = cfg.get("ckpt_path")
+    else:
+        last = out / "checkpoints" / "last.ckpt"
+        path = str(last) if last.is_file() else None
+        if path:
+            print(f"Resuming from {last}")
+    if path:
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"ckpt_path={path} not found; pass a checkpoint of an earlier ovcf.train run")
+        read_checkpoint(Path(path).expanduser())
+    return path
 
 
 def evaluation_trainer(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
@@ -145,15 +154,20 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     if cfg.get("compile"):
         fit_model = torch.compile(model)  # Lightning saves the plain module's weights
     start = time.time()
-    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=resume_from(cfg, out))
+    # weights_only: a checkpoint is read as tensors and plain values, never as code (ovcf.tasks.checkpoint)
+    trainer.fit(fit_model, datamodule=datamodule, ckpt_path=resume_from(cfg, out), weights_only=True)
     fit_seconds = time.time() - start
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if trainer.world_size > 1:
         trainer = evaluation_trainer(cfg, trainer)
-    val = {} if stop_epoch is not None else trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    val = (
+        {}
+        if stop_epoch is not None
+        else trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    )
+    test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = {
         "task": cfg.task,
@@ -262,10 +276,7 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
     """`cv.test=refit`: one more model on every development patient (`refit/`), trained on the folds'
     schedule and stopped at the median of the epochs their validation chose: with no patient left
     to validate on, the folds pick the epoch. It alone scores the external center."""
-    epochs = [
-        int(torch.load(out / f"fold_{k}" / r["best_checkpoint"], map_location="cpu", weights_only=False)["epoch"])
-        for k, r in enumerate(runs)
-    ]
+    epochs = [int(read_checkpoint(out / f"fold_{k}" / r["best_checkpoint"])["epoch"]) for k, r in enumerate(runs)]
     stop = int(np.median(epochs))
     refit_cfg = _member_cfg(cfg, out / "refit", folds, None)  # every development patient trains
     with open_dict(refit_cfg):

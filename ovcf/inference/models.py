@@ -19,13 +19,14 @@ from ovcf.data.roi import window_hu
 from ovcf.data.volume import Volume, resample_volume
 from ovcf.errors import ConfigError
 from ovcf.tasks import ClassificationTask, SegmentationTask
+from ovcf.tasks.checkpoint import build_task, load_state, load_weights, read_checkpoint
 
 
 def _checkpoint(ckpt: str | Path, what: str) -> tuple[Path, dict]:
     path = Path(ckpt).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {ckpt} not found; pass a checkpoint of a task={what} run")
-    return path, torch.load(path, map_location="cpu", weights_only=False)
+    return path, read_checkpoint(path)
 
 
 def _data_settings(raw: dict, path: Path) -> dict:
@@ -38,20 +39,38 @@ def _data_settings(raw: dict, path: Path) -> dict:
 def load_classifier(ckpt: str | Path, device: str = "cpu") -> tuple[ClassificationTask, dict]:
     """The ClassificationTask of a checkpoint, in eval mode, and its data module's settings."""
     path, raw = _checkpoint(ckpt, "classification")
-    if "clinical" not in raw.get("hyper_parameters", {}):
-        raise ConfigError(f"{path} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
     data = _data_settings(raw, path)
-    return ClassificationTask.load_from_checkpoint(path, map_location=device).eval(), data
+    task = build_task(ClassificationTask, classifier_hparams(raw.get("hyper_parameters"), path), path)
+    return load_state(task, raw["state_dict"], path, device), data
 
 
 def load_segmenter(ckpt: str | Path, device: str = "cpu") -> tuple[SegmentationTask, dict]:
     """The SegmentationTask of a checkpoint, in eval mode, and what it reads: HU window and volume spacing (mm)."""
     path, raw = _checkpoint(ckpt, "segmentation")
-    if not {"model_name", "min_body_ml", "region_slab"} <= set(raw.get("hyper_parameters", {})):
-        raise ConfigError(f"{path} is not a segmentation checkpoint of this ovcf version (train one with task=segmentation)")
     data = _data_settings(raw, path)
-    task = SegmentationTask.load_from_checkpoint(path, map_location=device).eval()
+    task = build_task(SegmentationTask, segmenter_hparams(raw.get("hyper_parameters"), path), path)
+    task = load_state(task, raw["state_dict"], path, device)
     return task, {"hu_window": tuple(float(v) for v in data["hu_window"]), "spacing": float(data["volume_spacing"])}
+
+
+def classifier_hparams(hparams, source: Path) -> dict:
+    """The init args of a ClassificationTask, checked to be one of this ovcf version."""
+    if not isinstance(hparams, dict) or "clinical" not in hparams:
+        raise ConfigError(f"{source} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
+    return hparams
+
+
+def segmenter_hparams(hparams, source: Path) -> dict:
+    """The init args of a SegmentationTask, checked to be one of this ovcf version."""
+    if not isinstance(hparams, dict) or not {"model_name", "min_body_ml", "region_slab"} <= set(hparams):
+        raise ConfigError(f"{source} is not a segmentation checkpoint of this ovcf version (train one with task=segmentation)")
+    return hparams
+
+
+def weights_task(cls: type, hparams: dict, weights: Path, device: str = "cpu"):
+    """A task from its init args (JSON) and a safetensors file: what an exported system holds; nothing is unpickled."""
+    check = classifier_hparams if cls is ClassificationTask else segmenter_hparams
+    return load_weights(build_task(cls, check(hparams, weights), weights), weights, device)
 
 
 @torch.no_grad()

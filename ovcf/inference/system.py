@@ -5,11 +5,15 @@ A trained system is more than a checkpoint. `export_system` writes all of it int
 folder, laid out like a MONAI bundle, and `load_system` reads it back with no Hydra run folder
 around it (what `python -m ovcf.predict system=DIR` does):
 
-    configs/metadata.json   MONAI-bundle-style metadata (versions, task, data formats) + models, threshold, metrics
-    configs/inference.json  what predict needs: preprocessing, threshold, model files
-    models/segmenter.ckpt   the segmenter (weights and hyper-parameters; optimizer state dropped)
-    models/classifier*.ckpt one per classifier model (`classifier_fold_<k>.ckpt` for a CV run)
-    docs/README.md          how to run it
+    configs/metadata.json        MONAI-bundle-style metadata (versions, task, data formats) + models, threshold, metrics
+    configs/inference.json       what predict needs: preprocessing, threshold, each model's file and init args
+    models/segmenter.safetensors the segmenter's weights
+    models/classifier*.safetensors one per classifier model (`classifier_fold_<k>.safetensors` for a CV run)
+    docs/README.md               how to run it
+
+Nothing in the folder is unpickled: weights are safetensors (raw tensors behind a JSON header) and
+everything else is JSON, so a folder handed over by another site cannot run code when loaded. The
+file names in `inference.json` must lie inside the folder.
 
 The threshold is read from `<evaluation>/metrics.json` (what `python -m ovcf.evaluate` froze for this
 run) when given; otherwise it is chosen exactly as evaluate does, from the run's validation predictions.
@@ -30,23 +34,16 @@ from ovcf.data.roi import RoiSpec
 from ovcf.errors import ConfigError, OvcfError
 from ovcf.eval.external import Scoring, evaluate_predictions
 from ovcf.eval.report import PACKAGES, versions
-from ovcf.inference.models import load_classifier, load_segmenter
+from ovcf.inference.models import load_classifier, load_segmenter, weights_task
 from ovcf.inference.runs import run_members, run_predictions
+from ovcf.tasks import ClassificationTask, SegmentationTask
+from ovcf.tasks.checkpoint import save_weights
 
-SYSTEM_FORMAT = 1  # bumped when predict can no longer read older folders
+SYSTEM_FORMAT = 2  # bumped when predict can no longer read older folders (2: safetensors, no pickles)
 METADATA = Path("configs") / "metadata.json"
 INFERENCE = Path("configs") / "inference.json"
-DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")  # training state predict never needs
+SEGMENTER_FILE = Path("models") / "segmenter.safetensors"
 PREPROCESSING_KEYS = ("roi_size", "roi_spacing", "roi_margin", "hu_window", "in_channels", "volume_spacing", "roi_source")
-
-
-def _slim_checkpoint(src: Path, dst: Path) -> None:
-    """Copies a Lightning checkpoint without its optimizer and loop state (a third of the size)."""
-    raw = torch.load(src, map_location="cpu", weights_only=False)
-    for key in DROPPED:
-        raw.pop(key, None)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(raw, dst)
 
 
 def _summary(metrics: dict | None) -> dict | None:
@@ -156,27 +153,30 @@ def export_system(
     """
     run, out = Path(classifier_run).expanduser(), Path(out).expanduser()
     members = run_members(run)
-    hps, results = [], json.loads((run / "results.json").read_text())
-    for _, ckpt in members:
-        _, hp = load_classifier(ckpt, "cpu")
-        hps.append(hp)
+    results = json.loads((run / "results.json").read_text())
+    tasks, hps = zip(*(load_classifier(ckpt, "cpu") for _, ckpt in members))
     seg_task, seg_settings = load_segmenter(segmenter_ckpt, "cpu")
     pre = _preprocessing(hps, seg_settings)
     chosen = _from_evaluation(Path(evaluation), run) if evaluation else _from_validation(run, rule, sensitivity, device, progress)
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _slim_checkpoint(Path(segmenter_ckpt).expanduser(), tmp / "models" / "segmenter.ckpt")
+    save_weights(seg_task, tmp / SEGMENTER_FILE)
     classifiers = []
-    for fold, ckpt in members:
-        name = "classifier.ckpt" if fold in (None, "refit") else f"classifier_fold_{fold}.ckpt"
-        _slim_checkpoint(ckpt, tmp / "models" / name)
-        classifiers.append({"file": f"models/{name}", "fold": fold})
+    for (fold, _), task in zip(members, tasks):
+        name = "classifier.safetensors" if fold in (None, "refit") else f"classifier_fold_{fold}.safetensors"
+        save_weights(task, tmp / "models" / name)
+        classifiers.append({"file": f"models/{name}", "fold": fold, "hyper_parameters": _init_args(task)})
     threshold = {**chosen["threshold"], "value": float(chosen["threshold"]["value"])}
     inference = {
         "format": SYSTEM_FORMAT,
         "version": version,
-        "segmenter": {"file": "models/segmenter.ckpt", "model": seg_task.hparams.model_name},
+        "segmenter": {
+            "file": SEGMENTER_FILE.as_posix(),
+            "model": seg_task.hparams.model_name,
+            "hyper_parameters": _init_args(seg_task),
+            "settings": {"hu_window": list(seg_settings["hu_window"]), "spacing": seg_settings["spacing"]},
+        },
         "classifier": {"model": results.get("model"), "members": classifiers, "combine": "mean probability"},
         "threshold": threshold,
         "preprocessing": pre,
@@ -260,7 +260,7 @@ def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members)
             },
         },
         "models": {
-            "segmenter": {"model": seg_task.hparams.model_name, "file": "models/segmenter.ckpt"},
+            "segmenter": {"model": seg_task.hparams.model_name, "file": SEGMENTER_FILE.as_posix()},
             "classifier": {"model": results.get("model"), "members": n_members, "run_seed": results.get("seed")},
         },
         "threshold": threshold["value"],
@@ -310,25 +310,69 @@ def latest_system(log_dir: Path) -> Path:
 
 
 def load_system(folder: Path, device: str = "cpu") -> System:
-    """Loads an `ovcf.export` folder; needs nothing else (no run folder, no Hydra config)."""
+    """Loads an `ovcf.export` folder; needs nothing else (no run folder, no Hydra config) and unpickles nothing."""
     folder = Path(folder).expanduser()
     if not (folder / INFERENCE).is_file():
         raise ConfigError(f"system={folder}: no {INFERENCE} there; pass a folder written by python -m ovcf.export")
-    inference = json.loads((folder / INFERENCE).read_text())
-    if int(inference.get("format", 0)) > SYSTEM_FORMAT:
+    inference = _read_json(folder / INFERENCE)
+    found = inference.get("format", 0)
+    if not isinstance(found, int) or found > SYSTEM_FORMAT:
+        raise ConfigError(f"system={folder} has format {found!r}, newer than this ovcf reads ({SYSTEM_FORMAT}); update ovcf")
+    if found < SYSTEM_FORMAT:
         raise ConfigError(
-            f"system={folder} has format {inference['format']}, newer than this ovcf reads ({SYSTEM_FORMAT}); update ovcf"
+            f"system={folder} has format {found}: its models are pickled checkpoints, which this ovcf no longer "
+            "loads (unpickling can run code); export it again with python -m ovcf.export from its runs"
         )
-    segmenter, settings = load_segmenter(folder / inference["segmenter"]["file"], device)
-    classifiers = [load_classifier(folder / m["file"], device)[0] for m in inference["classifier"]["members"]]
-    pre = inference["preprocessing"]
+    try:
+        seg, members, pre = inference["segmenter"], inference["classifier"]["members"], inference["preprocessing"]
+        threshold = float(inference["threshold"]["value"])
+        window, spacing = seg["settings"]["hu_window"], seg["settings"]["spacing"]
+        settings = {"hu_window": tuple(float(v) for v in window), "spacing": float(spacing)}
+        jobs = [(SegmentationTask, seg)] + [(ClassificationTask, m) for m in members]
+        files = [(cls, _inside(folder, entry["file"]), entry["hyper_parameters"]) for cls, entry in jobs]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{folder / INFERENCE} lacks or garbles {exc}; export the system again with python -m ovcf.export"
+        ) from None
+    segmenter, *classifiers = [weights_task(cls, hp, path, device) for cls, path, hp in files]
     return System(
         folder,
-        json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {},
+        _read_json(folder / METADATA) if (folder / METADATA).is_file() else {},
         segmenter,
         settings,
         classifiers,
-        float(inference["threshold"]["value"]),
+        threshold,
         pre,
         IngestChecks.from_config(pre.get("ingest")),
     )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({type(exc).__name__}); export the system again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object; export the system again")
+    return data
+
+
+def _inside(folder: Path, name) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (no absolute path, no '..', no link out)."""
+    rel = Path(str(name))
+    path = folder / rel
+    if rel.is_absolute() or ".." in rel.parts or not path.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(
+            f"{folder / INFERENCE}: the model file {str(name)!r} lies outside the system folder; a system may only "
+            "name files inside it (no absolute path, no '..'): export it again with python -m ovcf.export"
+        )
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: the system folder is incomplete; export it again with python -m ovcf.export")
+    return path
+
+
+def _init_args(task) -> dict:
+    """The task's init args as JSON values (they are primitives by design; a non-JSON value is an error)."""
+    hparams = dict(task.hparams)
+    json.dumps(hparams)  # raises TypeError on anything JSON cannot hold
+    return hparams

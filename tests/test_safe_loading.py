@@ -32,9 +32,11 @@ class _Payload:
 def _plant(path: Path, marker: Path) -> Path:
     """A checkpoint-shaped pickle with the payload inside its hyper-parameters, written to `path`."""
     torch.save({"state_dict": {}, "hyper_parameters": {"clinical": False, "x": _Payload(marker)}}, path)
-    torch.load(path, weights_only=False)  # the payload is live: plain unpickling runs it
+    probe = shutil.copy(path, path.parent / "probe.pt")  # torch.load reads a `.safetensors` name as safetensors
+    torch.load(probe, weights_only=False)  # the payload is live: plain unpickling runs it
     assert marker.read_text() == "ran"
     marker.unlink()
+    Path(probe).unlink()
     return path
 
 

@@ -30,6 +30,13 @@ MIN_AGE = 50
 MAX_CT_MRI_DAYS = 14
 DEFAULT_ETIOLOGY = "osteoporotic"
 
+# Plausible values of the CSV's numbers (inclusive): a value outside is a typing or unit error, not a patient,
+# so its row is `invalid` rather than silently trained on. No one is older than 120 years (an age in months
+# lands outside); measured DXA T-scores lie within about -6..+4, and -8..+6 leaves margin while catching a
+# decimal point lost in the export (-29 for -2.9) or a BMD in mg/cm2.
+AGE_RANGE = (0.0, 120.0)
+T_SCORE_RANGE = (-8.0, 6.0)
+
 # Stable exclusion codes (one per criterion) used in flow reports.
 EXCLUSION_CODES = (
     "age",

@@ -23,7 +23,7 @@ import numpy as np
 
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
 from ovcf.data.atomic import write_atomic, write_json
-from ovcf.data.clinical import ClinicalRow, check_clinical, read_clinical
+from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import list_files
 from ovcf.data.flow import write_flow
@@ -90,7 +90,10 @@ class _Patient:
 
     def __init__(self, job: dict):
         self.job, self.rows = job, job["rows"]
-        self.results = {r.row: {"reasons": r.exclusions(), "flags": [], "notes": ["; ".join(r.problems)]} for r in self.rows}
+        self.results = {
+            r.row: {"reasons": r.exclusions(), "flags": list(r.flags), "notes": ["; ".join(r.problems), *r.notes]}
+            for r in self.rows
+        }
         self.arrays: dict[str, np.ndarray] = {}
         self.series: list[dict] = []
 
@@ -295,6 +298,7 @@ def ingest(
         return out
 
     rows = read_clinical(cohort / CLINICAL_CSV)
+    check_one_center(rows, key)
     for sub in ("samples", "patients"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with worker_pool(num_workers) as pool:  # workers start once for both passes

@@ -23,12 +23,12 @@ SKIP_SUFFIXES = (".nii.gz", ".nrrd", ".json", ".md", ".txt", ".csv", ".py")
 NOT_IMAGES = {
     "DICOMDIR": "dicomdir",
     "no-pixel-data.dcm": "no_pixels",
-    "GH178.dcm": "no_pixels",
-    "GH179A.dcm": "no_pixels",
-    "GH179B.dcm": "no_pixels",
+    "GH178.dcm": "unreadable",  # Secondary Capture images without their pixel data
+    "GH179A.dcm": "unreadable",
+    "GH179B.dcm": "unreadable",
     "empty_charset_LEI.dcm": "non_dicom",
-    "no_meta_group_length.dcm": "no_pixels",
-    "meta_missing_tsyntax.dcm": "non_dicom",
+    "no_meta_group_length.dcm": "unreadable",  # an RT Image without its pixel data
+    "meta_missing_tsyntax.dcm": "unreadable",  # a Part 10 file whose meta lacks its transfer syntax
     "no_meta.dcm": "non_dicom",
     "LICENSE": "non_dicom",
 }

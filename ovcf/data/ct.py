@@ -9,6 +9,7 @@ new patient's level.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ovcf.data.dicom import list_files, read_header
+from ovcf.contract import LEVEL_IDS
+from ovcf.data.dicom import find_files, read_header
 from ovcf.data.quality import QualityChecks, implant_ml, locate_level, noise_hu
 from ovcf.data.roi import RoiSpec, check_box, cut_roi
 from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
@@ -53,7 +55,10 @@ class IngestChecks:
 
 @dataclass
 class Scan:
-    """Every file's header of a folder, read once: the series of each patient and what the files were."""
+    """Every file's header of a folder, read once: the series of each patient and what the files were.
+
+    `kinds` counts the files by `FILE_KINDS`, and the entries skipped unread (`broken_link`, see `find_files`).
+    """
 
     files: list[str]
     kinds: Counter
@@ -66,21 +71,32 @@ class Scan:
         return out
 
 
-def _read_headers(paths: list[str]) -> tuple[list, Counter]:
-    slices, kinds = [], Counter()
+def _read_headers(paths: list[str]) -> tuple[list, Counter, list[str]]:
+    slices, kinds, unreadable = [], Counter(), []
     for p in paths:
         found, kind = read_header(p)
         slices.extend(found)
         kinds[kind] += 1
-    return slices, kinds
+        if kind == "unreadable":
+            unreadable.append(p)
+    return slices, kinds, unreadable
 
 
 def scan_folder(folder: Path, num_workers: int = 1, progress: bool = True, pool=None) -> Scan:
-    """Reads the header of every file under `folder` (any nesting), in chunks on `num_workers` processes."""
-    files = list_files(folder)
+    """Reads the header of every file under `folder` (any nesting), in chunks on `num_workers` processes.
+
+    A damaged file has no readable series UID, so each series learns how many unreadable files lie in
+    the folders of its slices: a gap they explain is reported as `unreadable_files`, not `missing_slices`.
+    """
+    files, skipped = find_files(folder)
     chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
     scanned = pool_map(_read_headers, chunks, num_workers, "Reading DICOM headers", progress, pool)
-    return Scan(files, sum((k for _, k in scanned), Counter()), group_series([h for hs, _ in scanned for h in hs]))
+    series = group_series([h for hs, _, _ in scanned for h in hs])
+    lost = Counter(os.path.dirname(p) for _, _, unreadable in scanned for p in unreadable)
+    if lost:
+        for s in series:
+            s.unreadable = sum(lost[f] for f in {os.path.dirname(h.path) for h in s.slices})
+    return Scan(files, sum((k for _, k, _ in scanned), skipped), series)
 
 
 @dataclass
@@ -252,12 +268,35 @@ def slice_problem(volume: Volume, quality: QualityChecks) -> str | None:
     return None
 
 
+VERSE_OTHER_IDS = (26, 27)  # sacrum and coccyx: VerSe ids of no level, allowed beside the levels
+
+
+def mask_problem(by_id: dict[int, np.ndarray]) -> str | None:
+    """Why a mask cannot locate any level (empty, or labels that are not VerSe level ids), or None.
+
+    Such a mask is a data problem (`mask_mismatch`); read as it is, every level would seem to lie
+    outside the CT (`level_not_in_fov`, a protocol exclusion), or a foreign numbering would put a
+    level on the wrong body (another tool's label 28 is not T13).
+    """
+    fix = "label each vertebral body with its VerSe id (C1-C7 1-7, T1-T12 8-19, L1-L6 20-25, T13 28)"
+    if not by_id:
+        return f"the mask is empty (all zeros); {fix}"
+    levels = set(LEVEL_IDS.values())
+    foreign = sorted(set(by_id) - levels - set(VERSE_OTHER_IDS))
+    if not foreign and set(by_id) & levels:
+        return None
+    shown = foreign or sorted(by_id)
+    listed = ", ".join(map(str, shown[:8])) + (", ..." if len(shown) > 8 else "")
+    return f"mask labels {listed} are not VerSe level ids; {fix}"
+
+
 @dataclass
 class LevelCheck:
     """The protocol's CT-based checks of one level: where its body is, and what excludes or flags it.
 
-    `reasons` are exclusion codes (level_not_in_fov, implant, image_quality), `flags` what a reader
-    should know (level_mask_missing: ROI centred on the estimate), and `notes` say each in words, in order.
+    `reasons` are exclusion codes (level_not_in_fov, implant, image_quality) or the data problem
+    mask_mismatch, `flags` what a reader should know (level_mask_missing: ROI centred on the
+    estimate), and `notes` say each in words, in order.
     """
 
     level: str
@@ -284,8 +323,15 @@ class LevelCheck:
 
 
 def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, quality: QualityChecks) -> LevelCheck:
-    """Field of view, cement or metal, noise and slice distance of `level` on the canonical CT `volume`."""
+    """Field of view, cement or metal, noise and slice distance of `level` on the canonical CT `volume`.
+
+    A mask that cannot locate any level (`mask_problem`) gives `mask_mismatch` and no centre.
+    """
     check = LevelCheck(level)
+    problem = mask_problem(by_id)
+    if problem:
+        check.add("mask_mismatch", problem)
+        return check
     check.voxels, check.centre = locate_level(by_id, volume, level)
     if check.centre is None:
         check.add("level_not_in_fov", f"level {level} is outside the CT's field of view")

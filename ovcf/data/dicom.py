@@ -1,9 +1,10 @@
 """One DICOM file -> the header fields series assembly needs, and its frames in HU.
 
 A PACS export holds more than CT slices: files without extension or preamble, DICOMDIRs, dose
-reports, text files. `read_header` sorts each file into one of `FILE_KINDS` without decoding
-pixels, and expands an enhanced multi-frame image into one `SliceHeader` per frame (geometry and
-rescale from its functional groups), so that the rest of the reader sees slices only.
+reports, text files, DICOM files damaged in transfer. `read_header` sorts each file into one of
+`FILE_KINDS` without decoding pixels, and expands an enhanced multi-frame image into one
+`SliceHeader` per frame (geometry and rescale from its functional groups), so that the rest of the
+reader sees slices only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +22,12 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UID
 
 from ovcf.data.rawdicom import RawHeader, read_raw_header
 
-FILE_KINDS = ("image", "non_dicom", "dicomdir", "no_pixels")
+# unreadable: a DICOM file whose header cannot be read (damaged, cut short), or any file that cannot be opened
+FILE_KINDS = ("image", "non_dicom", "dicomdir", "no_pixels", "unreadable")
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 LOSSY_8BIT = {"1.2.840.10008.1.2.4.50"}  # JPEG baseline: 8 bits cannot hold HU
 # JPEG extended, JPEG-LS near-lossless, JPEG 2000 and HTJ2K (lossy variants): decodable, HU approximate
@@ -166,20 +171,38 @@ def _group_item(ds, frame: int, sequence: str, attr: str):
 
 
 def read_header(path: str) -> tuple[list[SliceHeader], str]:
-    """The slices of one file without its pixels, and the file's kind (one of `FILE_KINDS`)."""
+    """The slices of one file without its pixels, and the file's kind (one of `FILE_KINDS`).
+
+    A file with the DICOM marker whose header fails is `unreadable`, not `non_dicom`: it is most
+    likely a slice lost in transfer, and the series it leaves with a gap must say so.
+    """
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError:
-        return [], "non_dicom"
+        return [], "unreadable"
+    failed = "unreadable" if data[128:132] == b"DICM" else "non_dicom"
     try:
         ds, pos = read_raw_header(data) or _parse(data)  # the fast walker, else pydicom
     except Exception:  # noqa: BLE001 - a broken or foreign file raises anything; it is skipped and counted
-        return [], "non_dicom"
+        return [], failed
     try:
         return _slices(ds, path, hashlib.blake2b(data, digest_size=16).hexdigest(), data, pos)
     except Exception:  # noqa: BLE001 - garbage that parsed as tags (force=True): not a usable image
-        return [], "non_dicom"
+        return [], failed
+
+
+def _damaged(ds, data: bytes, sop_class: str) -> bool:
+    """Whether a file that yields no image is a damaged DICOM file rather than an object without pixels.
+
+    pydicom reads a header cut short or overwritten without complaint, as a data set that simply
+    ends early. But a Part 10 file (DICM marker) always has its transfer syntax in the file meta
+    group, and an image SOP class always has pixel data: lacking either, the header is damaged.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if data[128:132] == b"DICM" and not (meta and meta.get("TransferSyntaxUID")):
+        return True
+    return bool(sop_class) and "Image Storage" in UID(sop_class).name
 
 
 def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[SliceHeader], str]:
@@ -191,6 +214,8 @@ def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[Sli
     # Reading stopped at (7FE0,xxxx); a deflated data set cannot be checked in the raw bytes.
     has_pixels = ts == "1.2.840.10008.1.2.1.99" or data[pos : pos + 2] in (b"\xe0\x7f", b"\x7f\xe0")
     if "Rows" not in ds or "Columns" not in ds or not has_pixels:
+        if _damaged(ds, data, sop_class):
+            return [], "unreadable"
         return [], "no_pixels" if (sop_class or "Modality" in ds) else "non_dicom"
     series_uid = _text(_get(ds, "SeriesInstanceUID"))
     series_number = _text(_get(ds, "SeriesNumber"))
@@ -227,7 +252,7 @@ def _slices(ds, path: str, digest: str, data: bytes, pos: int) -> tuple[list[Sli
     frames = int(_float(_get(ds, "NumberOfFrames"), 1) or 1)
     if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         if frames > _max_frames(ds, data, pos, ts):  # a corrupt count must not expand into millions of slices
-            return [], "no_pixels"
+            return [], "unreadable"
         return [_frame(ds, i, frames, common) for i in range(frames)], "image"
     slope, intercept = _float(_get(ds, "RescaleSlope"), 1.0), _float(_get(ds, "RescaleIntercept"), 0.0)
     offset, dtype = _native_pixels(ds, data, pos, common["transfer_syntax"]) if not common["modality_lut"] else (-1, "")
@@ -310,9 +335,40 @@ def to_hu(stored: np.ndarray, header: SliceHeader, ds=None) -> np.ndarray:
     return hu
 
 
+def find_files(root: Path) -> tuple[list[str], Counter]:
+    """Every regular file under `root`, sorted, whatever the nesting or extension; and what was skipped.
+
+    Links are followed, to files and folders alike, so that an export assembled from links reads
+    as its targets; a folder reached twice is read once. One bad entry must not stop a cohort, so
+    what cannot be read is skipped and counted instead: `broken_link` (a link to nothing, a link
+    to itself, or a folder link to an ancestor of its own folder, which would loop), `non_dicom`
+    (pipes, sockets, devices: reading one could block forever). A missing `root` holds nothing.
+    """
+    files, skipped, walked = [], Counter(), {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        here, keep = os.path.realpath(folder), []
+        for name in sorted(dirs):
+            target = os.path.realpath(os.path.join(folder, name))
+            if os.path.commonpath([here, target]) == target:
+                skipped["broken_link"] += 1
+            elif target not in walked:
+                walked.add(target)
+                keep.append(name)
+        dirs[:] = keep
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:  # a dangling link, or a link that loops
+                skipped["broken_link"] += 1
+                continue
+            if stat.S_ISREG(mode):
+                files.append(path)
+            else:
+                skipped["non_dicom"] += 1
+    return sorted(files), skipped
+
+
 def list_files(root: Path) -> list[str]:
-    """Every file under `root`, sorted, whatever the nesting or extension."""
-    out = []
-    for folder, _, names in os.walk(root):
-        out.extend(os.path.join(folder, n) for n in names)
-    return sorted(out)
+    """Every regular file under `root`, sorted (see `find_files` for links and what is skipped)."""
+    return find_files(root)[0]

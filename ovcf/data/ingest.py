@@ -25,7 +25,7 @@ from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
 from ovcf.data.atomic import write_atomic, write_json
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
-from ovcf.data.dicom import list_files
+from ovcf.data.dicom import FILE_KINDS, find_files
 from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
 from ovcf.data.quality import level_voxels
@@ -56,13 +56,18 @@ def check_cohort(cohort: Path) -> Path:
 
 
 def _fingerprint(cohort: Path, settings: str) -> str:
-    """Cheap staleness test: changes whenever any input file's size or mtime, or a setting, changes."""
+    """Cheap staleness test: changes whenever any input file's size or mtime, or a setting, changes.
+
+    Broken links are skipped (they have no size), but how many there are is hashed: the flow report counts them.
+    """
     h = hashlib.sha256(settings.encode())
     h.update((cohort / CLINICAL_CSV).read_bytes())
     for sub in (DICOM_DIR, MASKS_DIR):
-        for path in list_files(cohort / sub):
+        files, skipped = find_files(cohort / sub)
+        for path in files:
             st = os.stat(path)
             h.update(f"{os.path.relpath(path, cohort)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{sub} skipped {sorted(skipped.items())}\n".encode())
     return h.hexdigest()
 
 
@@ -326,7 +331,8 @@ def ingest(
     )
     totals = {
         "files": len(scan.files),
-        **{kind: scan.kinds.get(kind, 0) for kind in ("image", "non_dicom", "dicomdir", "no_pixels")},
+        **{kind: scan.kinds.get(kind, 0) for kind in FILE_KINDS},
+        "broken_link": scan.kinds.get("broken_link", 0) + find_files(cohort / MASKS_DIR)[1]["broken_link"],
         "series": len(scan.series),
         "series_rejected": dict(sorted(rejected.items())),
         "patients_reused": len(records) - len(jobs),

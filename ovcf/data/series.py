@@ -26,6 +26,7 @@ SERIES_PROBLEMS = (
     "too_few_slices",
     "duplicate_positions",
     "missing_slices",
+    "unreadable_files",  # slices missing where files beside the series could not be read (damaged headers)
     "uneven_spacing",
     "gantry_tilt",
     "not_grayscale",
@@ -68,6 +69,7 @@ class Series:
     modality: str
     slices: list[SliceHeader] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # "code: text" of what validation fixed or a reader should know
+    unreadable: int = 0  # unreadable files in the folders of its slices (set by `ovcf.data.ct.scan_folder`)
 
     @property
     def name(self) -> str:
@@ -211,6 +213,12 @@ def _check_spacing(series: Series, steps: np.ndarray, checks: SeriesChecks) -> N
     gaps = np.abs(ratios - np.round(ratios)) * median <= tolerance
     if np.all(gaps & (np.round(ratios) >= 2)):
         missing = int(np.sum(np.round(ratios) - 1))
+        if series.unreadable:  # the slices are there, their headers damaged: not a gap in the export
+            raise SeriesError(
+                "unreadable_files",
+                f"{series.name}: {missing} slice(s) missing and {series.unreadable} file(s) in its folder cannot be read "
+                "(damaged DICOM header): export the series again",
+            )
         raise SeriesError(
             "missing_slices",
             f"{series.name}: {missing} slice(s) missing (gap of {steps[bad].max():.2f} mm, step {median:.2f} mm)",

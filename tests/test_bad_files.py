@@ -164,3 +164,15 @@ def test_ingest_names_a_relabelled_mask_a_mask_mismatch(small_cohort, tmp_path):
     bad = [r for r in index if not r["included"]]
     assert bad and all(r["reasons"] == ["mask_mismatch"] and "VerSe" in r["note"] for r in bad), bad
     assert len(bad) < len(index), "the other patient ingests"
+
+
+def test_a_patients_mask_that_is_a_broken_link_is_a_mask_mismatch(small_cohort, tmp_path):
+    """Not `no_mask` (which would send the user to ovcf.segment), and the other patient still ingests."""
+    cohort = _copy(small_cohort, tmp_path)
+    victim = sorted((cohort / "masks").glob("*.nii.gz"))[0]
+    victim.unlink()
+    victim.symlink_to(tmp_path / "gone.nii.gz")
+    index = read_index(ingest(cohort, tmp_path / "cache", ROI, tmp_path / "key", progress=False))
+    bad = [r for r in index if not r["included"]]
+    assert bad and all(r["reasons"] == ["mask_mismatch"] and "broken link" in r["note"] for r in bad)
+    assert any(r["included"] for r in index)

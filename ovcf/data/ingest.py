@@ -133,6 +133,9 @@ def _ingest_patient(job: dict) -> dict:
 def _work(p: _Patient) -> None:
     job, checks, roi = p.job, p.job["checks"], p.job["roi"]
     mask = None
+    if job["broken_mask"]:
+        p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} is a broken link; restore the file or remove the link")
+        return
     if job["mask"] is not None:
         try:
             mask = load_nifti(job["mask"])
@@ -250,12 +253,14 @@ def _jobs(
     for pid, prow in patients.items():
         name = pseudonym(pid, key)
         mask = cohort / MASKS_DIR / f"{pid}.nii.gz" if masks is None else masks / f"{name}.nii.gz"
+        broken = mask.is_symlink() and not mask.is_file()  # a dangling or looping link: a data problem, not "no mask"
         mask = mask if mask.is_file() else None
         series = by_patient.get(pid, [])
         jobs.append(
             {
                 "pseudonym": name,
-                "hash": _patient_hash(prow, series, mask, settings),
+                "hash": _patient_hash(prow, series, mask, settings + ("|broken mask link" if broken else "")),
+                "broken_mask": broken,
                 "rows": prow,
                 "series": series,
                 "mask": mask,

@@ -2,12 +2,21 @@
 
 Workers start from a fresh interpreter (forkserver): forking a process whose torch/OpenMP
 threads are running can deadlock the child. Each worker keeps to one thread so that N workers
-use N cores. The bar is rich's, and also works in CI logs (no TTY) or switched off.
+use N cores, and ends when the process that started the pool dies (a killed ingest leaves no
+worker running). The bar is rich's, and also works in CI logs (no TTY) or switched off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
+import os
+import select
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -31,9 +40,51 @@ def track(items: Iterable[T], total: int, description: str, enabled: bool = True
             bar.advance(task)
 
 
-def _one_thread() -> None:
-    import os
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+
+def _die_with(owner: int) -> None:
+    """Ends this worker when the process that owns the pool, or its own parent, dies.
+
+    A worker busy with a long task would otherwise run on after its run was killed (SIGKILL, the
+    OOM killer). The parent of a forkserver worker is the forkserver, which outlives a killed owner
+    for as long as its workers run, so the worker watches the owner itself: a daemon thread waits on
+    the owner's pidfd (Linux), else polls it and `os.getppid()` every second. On Linux the kernel
+    also sends SIGTERM when the parent dies (`PR_SET_PDEATHSIG`).
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    threading.Thread(target=_watch, args=(owner, parent), name="ovcf-owner-watch", daemon=True).start()
+
+
+def _watch(owner: int, parent: int) -> None:
+    """Returns never: exits the process once `owner` has ended or the parent is no longer `parent`."""
+    try:
+        pidfd = os.pidfd_open(owner)  # readable once the owner has ended, even before it is reaped
+    except (AttributeError, OSError):  # not Linux 5.3+, or the owner has already ended
+        pidfd = None
+    while os.getppid() == parent and not _ended(owner, pidfd):
+        pass
+    os._exit(1)
+
+
+def _ended(owner: int, pidfd: int | None) -> bool:
+    """Waits up to a second for process `owner` (or its `pidfd`) to end; whether it has."""
+    if pidfd is not None:
+        return bool(select.select([pidfd], [], [], 1.0)[0])
+    time.sleep(1.0)
+    try:
+        os.kill(owner, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took its pid
+        return True
+    return False
+
+
+def _init_worker(owner: int) -> None:
+    """Each worker: one thread (N workers use N cores), and no life after the pool's owner."""
+    _die_with(owner)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         import torch
@@ -50,7 +101,7 @@ def worker_pool(num_workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         yield pool
 
 

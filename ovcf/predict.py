@@ -9,8 +9,9 @@ Genant grade 1; `levels=all`: every body found) is cropped as in training and cl
 per patient, under its pseudonym only (`<output>/<pseudonym>/`): `report.json` (per level: acute
 probability, the decision at the system's frozen threshold, heights and their ratios, protocol
 flags), a Grad-CAM overlay per level, and optionally `mask.nii.gz` (`nifti=true`) and `seg.dcm`
-(`dicom_seg=true`, a DICOM SEG on the source CT series). `<output>/summary.csv` and `summary.json`
-list every patient.
+(`dicom_seg=true`, a DICOM SEG on the source CT series: `seg_mode=research`, the default, under the
+pseudonym with new UIDs; `seg_mode=pacs`, with the patient's identity and the CT's study, for a PACS).
+`<output>/summary.csv` and `summary.json` list every patient.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ovcf.cli import device, hydra_main
 from ovcf.data.ct import find_cases
 from ovcf.data.pseudonym import load_key
 from ovcf.errors import ConfigError
-from ovcf.inference.patient import choose_levels, predict_cases
+from ovcf.inference.patient import check_seg_mode, choose_levels, predict_cases
 from ovcf.inference.system import latest_system, load_system
 
 
@@ -37,15 +38,17 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.input or not cfg.output:
         raise ConfigError("pass input=DICOM_DIR (one patient, a whole export, or a NIfTI CT) and output=OUT_DIR")
     levels = _levels_option(cfg.levels)
-    choose_levels(levels, {})  # a bad level name fails before any work
+    choose_levels(levels, {})  # a bad level name or SEG mode fails before any work
+    check_seg_mode(cfg.seg_mode)
     folder = Path(cfg.system).expanduser() if cfg.system else latest_system(Path(cfg.paths.log_dir))
     system = load_system(folder, device(cfg.device))
     cases = find_cases(Path(cfg.input), "input", cfg.workers, cfg.progress)
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     clinical = {k: v for k, v in OmegaConf.to_container(cfg.clinical).items() if v is not None}
-    key = load_key(Path(cfg.paths.key_file))
-    return predict_cases(cases, key, system, out, levels, clinical, cfg.progress, nifti=cfg.nifti, dicom_seg=cfg.dicom_seg)
+    key = load_key(cfg.paths.key_file, cfg.paths.cache_dir)
+    options = {"nifti": cfg.nifti, "dicom_seg": cfg.dicom_seg, "seg_mode": cfg.seg_mode}
+    return predict_cases(cases, key, system, out, levels, clinical, cfg.progress, **options)
 
 
 main = hydra_main("predict", run)

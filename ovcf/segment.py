@@ -12,8 +12,6 @@ grid; with `reference=MASK.nii.gz` (VerSe ids on the same grid) it also prints t
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import hydra
@@ -23,6 +21,7 @@ from omegaconf import DictConfig
 
 from ovcf.cli import device, hydra_main, resolve_cohort
 from ovcf.contract import LEVEL_IDS
+from ovcf.data.atomic import write_csv, write_json
 from ovcf.data.ct import IngestChecks, read_ct
 from ovcf.data.ingest import read_index
 from ovcf.data.volume import load_nifti, mask_on_ct
@@ -72,7 +71,7 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
             f"Mean Dice {result['mean_dice']:.3f}; each body against its best-overlapping prediction, whatever its "
             f"level: {result['mean_matched_dice']:.3f}; all bodies as one mask: {result['body_dice']:.3f}"
         )
-    (out / f"{stem}_levels.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{stem}_levels.json", result, indent=2)
     print(f"Mask: {target}")
     return result
 
@@ -125,10 +124,7 @@ def segment_cohort(cfg: DictConfig, task, settings: dict) -> dict:
                 "note": "",
             }
         )
-    with open(out / "segment.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["pseudonym", "center", "levels", "anchored", "missing", "note"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "segment.csv", rows, ["pseudonym", "center", "levels", "anchored", "missing", "note"])
     for line in warnings:
         print(f"warning: {line}")
     done = sum(1 for r in rows if not r["note"])

@@ -11,13 +11,13 @@ Writes `sign_ablation.csv` and `.md` into the output folder.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from ovcf.cli import device, hydra_main
+from ovcf.data.atomic import write_csv, write_text
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
 from ovcf.inference.models import load_classifier, score
@@ -67,10 +67,7 @@ def ablate(cfg: DictConfig) -> Path:
             }
         )
         print(f"{variant:>22}: AUROC {auroc:.3f} (drop {baseline - auroc:+.3f}, {len(rows)} rows)")
-    with open(out / "sign_ablation.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(out / "sign_ablation.csv", table, list(table[0]))
     lines = [
         f"# Sign ablation: {Path(cfg.ckpt).name}, center {center}",
         "",
@@ -83,7 +80,7 @@ def ablate(cfg: DictConfig) -> Path:
             for r in table
         ),
     ]
-    (out / "sign_ablation.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "sign_ablation.md", "\n".join(lines) + "\n")
     print(f"Sign ablation: {out / 'sign_ablation.md'}")
     return out
 

@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.cli import hydra_main
+from ovcf.data.atomic import write_json
 from ovcf.errors import ConfigError, OvcfError
 from ovcf.eval.leaderboard import collect, rows
 from ovcf.eval.report import versions
@@ -126,9 +127,7 @@ class Manifest:
 
     def save(self) -> None:
         self.data["versions"] = versions()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_json(self.path, self.data, indent=2)
 
 
 def study(cfg: DictConfig) -> Path:

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.cli import hydra_main, resolve_cohort
+from ovcf.data.atomic import write_json
 from ovcf.data.ingest import cache_fingerprint
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
@@ -187,8 +188,8 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     if hasattr(model, "per_level_dice"):
         results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in ("val", "test")}
         results["fracture_dice"] = {stage: model.fracture_dice(stage) for stage in ("val", "test")}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "splits.json").write_text(json.dumps(datamodule.splits, indent=1))  # which patients trained, validated, tested
+    write_json(out / "results.json", results, indent=2)
+    write_json(out / "splits.json", datamodule.splits)  # which patients trained, validated, tested
     if hasattr(model, "test_predictions"):
         write_predictions(out / "test_predictions.csv", model.test_predictions)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
@@ -238,7 +239,7 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
         "n": {"train+val": sum(runs[0]["n"][s] for s in ("train", "val")), "test": runs[0]["n"]["test"]},
         "fit_seconds": round(sum(r["fit_seconds"] for r in runs) + extra.get("refit_seconds", 0.0), 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results, indent=2)
     write_predictions(out / "test_predictions.csv", predictions)
     sd = results["val_sd"]["auroc"]
     print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = {CV_TEST[mode]}")

@@ -32,6 +32,16 @@ def synthetic_params(name: str = "default", **override) -> dict:
     return params
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_key_folder(tmp_path_factory):
+    """Pseudonym keys of the tests go to a temporary config folder, never to the user's ~/.config or key."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+        mp.delenv("OVCF_KEY_FILE", raising=False)
+        mp.delenv("OVCF_PSEUDONYM_KEY", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """Four patients per center, five levels each; generated once per test session."""
@@ -42,13 +52,14 @@ def tiny_cohort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory) -> dict:
-    """Environment for `python -m ovcf.*` runs: a shared test cache, W&B disabled."""
+def cli_env(tmp_path_factory, private_key_folder) -> dict:
+    """Environment for `python -m ovcf.*` runs: a shared test cache and pseudonym key, W&B disabled."""
     root = tmp_path_factory.mktemp("cli")
     return {
         **os.environ,
         "WANDB_MODE": "disabled",
         "OVCF_CACHE_DIR": str(root / "cache"),
+        "OVCF_KEY_FILE": str(root / "pseudonym.key"),
         "OVCF_DATA_DIR": str(root / "data"),
         "PYTHONUNBUFFERED": "1",
     }

@@ -107,16 +107,21 @@ def test_export_round_trip(system, tmp_path):
         export_system(other, system["seg"], tmp_path / "x", system["eval"])
 
 
-def _ct_series_uids(folder: Path) -> set[str]:
-    uids = set()
+def _headers(folder: Path):
+    """The DICOM headers of the files under `folder`."""
     for path in (p for p in folder.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            yield pydicom.dcmread(path, stop_before_pixels=True)
         except pydicom.errors.InvalidDicomError:
             continue
-        if ds.get("Modality") == "CT" and "LOCALIZER" not in ds.get("ImageType", []):
-            uids.add(str(ds.SeriesInstanceUID))
-    return uids
+
+
+def _ct_series_uids(folder: Path) -> set[str]:
+    return {
+        str(ds.SeriesInstanceUID)
+        for ds in _headers(folder)
+        if ds.get("Modality") == "CT" and "LOCALIZER" not in ds.get("ImageType", [])
+    }
 
 
 def _leaks(root: Path, secrets: dict[str, str], text: str = "") -> list[str]:
@@ -177,8 +182,9 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
         assert seg.PatientID == name and seg.PatientName == f"{name}^"
         labels = [d.SegmentLabel for d in seg.SegmentSequence]
         assert labels and set(labels) <= set(LEVEL_IDS)
-        ct_folder = by_name[name]
-        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID in _ct_series_uids(ct_folder)
+        ct_folder = by_name[name]  # seg_mode=research (the default): the SEG references no source series
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID not in _ct_series_uids(ct_folder)
+        assert report["seg_mode"] == summary["seg_mode"] == "research" and "(research)" in seg.SeriesDescription
         ct = read_ct(ct_folder, IngestChecks()).volume.canonical()
         mask = nib.load(folders[name] / "mask.nii.gz")
         assert mask.shape == ct.array.shape and np.allclose(mask.affine, ct.affine, atol=1e-3)
@@ -194,6 +200,28 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     (name,) = predict_run(cfg)["patients"]
     entries = json.loads((tmp_path / "nii" / name / "report.json").read_text())["levels"]
     assert [(e["level"], e["status"]) for e in entries] == [("C1", "not_in_fov"), (found, "classified")]
+
+
+@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
+def test_predict_writes_a_pacs_seg_on_request(system, two_patients, tmp_path):
+    """seg_mode=pacs: the SEG carries the patient's ID and the CT's study and series, so a PACS files it with the CT."""
+    from ovcf.predict import run as predict_run
+
+    pid, folder = next(iter(two_patients.items()))
+    out = tmp_path / "out"
+    args = [f"input={folder}", f"output={out}", f"system={system['folder']}", "levels=all", "dicom_seg=true", "seg_mode=pacs"]
+    cfg = compose_cfg("predict", [*args, "progress=false", f"paths.key_file={tmp_path / 'key'}"])
+    summary = predict_run(cfg)
+    (name,) = summary["patients"]
+    seg = pydicom.dcmread(out / name / "seg.dcm")
+    referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert referenced in _ct_series_uids(folder)
+    ct = next(ds for ds in _headers(folder) if ds.SeriesInstanceUID == referenced)
+    assert seg.PatientID == pid and seg.StudyInstanceUID == ct.StudyInstanceUID
+    assert summary["seg_mode"] == json.loads((out / name / "report.json").read_text())["seg_mode"] == "pacs"
+    cfg = compose_cfg("predict", [*args[:3], "seg_mode=hospital"])
+    with pytest.raises(ConfigError, match="seg_mode=hospital: use research"):
+        predict_run(cfg)
 
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker

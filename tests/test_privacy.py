@@ -5,16 +5,19 @@ address, the patient ID itself), in the CSV (the IDs plus extra name and birth-d
 the mask file names and in the export's folder names (`conftest.plant_phi`). The session's study
 (`ovcf.study` on that cohort: segmenter sweep, predicted masks, classifier sweep with the W&B logger
 offline, `ovcf.evaluate` with Grad-CAM and its W&B run, the exported system) and `ovcf.ingest` ran on
-it; every file they wrote (cache, logs, checkpoints, W&B runs, reports, plots) and their console
-output must be free of it, file names included.
+it, and `ovcf.predict` with a DICOM SEG (`seg_mode=research`) on one patient; every file they wrote
+(cache, logs, checkpoints, W&B runs, reports, plots, the SEG) and their console output must be free of
+it, file names included, and the SEG holds no UID of the source DICOM.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import compose_cfg, run_cli
 
 
 def _leaks(root, secrets: dict[str, str]) -> list[str]:
@@ -33,7 +36,9 @@ def _leaks(root, secrets: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
-def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_path):
+def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_path, capsys):
+    from ovcf.predict import run as predict_run
+
     cohort, secrets = phi_cohort
     planted = {leak.split(" in")[0] for leak in _leaks(cohort, secrets)}
     assert planted == set(secrets), "the search finds every planted value in the export itself"
@@ -43,10 +48,156 @@ def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_pat
     )
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     assert "flow.md" in ingest.stdout and "splits.json" in ingest.stdout and "included" in ingest.stdout
+    patient = sorted(p for p in (cohort / "dicom").iterdir() if p.is_dir())[0]  # predict, with a DICOM SEG (research)
+    options = [f"input={patient}", f"output={tmp_path / 'predicted'}", f"system={study / 'system'}", "dicom_seg=true"]
+    predict_run(compose_cfg("predict", [*options, "progress=false", f"paths.key_file={tmp_path / 'key'}"]))
+    predicted = capsys.readouterr()
+    (seg,) = (tmp_path / "predicted").rglob("seg.dcm")
+    assert [uid for uid in _source_values(patient)["uids"] if uid.encode() in seg.read_bytes()] == []
     cache = env["OVCF_CACHE_DIR"]
     assert any(study.rglob("*.ckpt")) and any(smoke_study.root.rglob("*.wandb")), "checkpoints and W&B runs"
     assert any((study / "evaluation" / "gradcam").rglob("*.png")) and (study / "system" / "configs" / "metadata.json").is_file()
     assert _leaks(smoke_study.root, secrets) == []
     assert _leaks(cache, secrets) == [] and _leaks(tmp_path, secrets) == []
-    console = (smoke_study.output + ingest.stdout + ingest.stderr).lower()
+    console = (smoke_study.output + ingest.stdout + ingest.stderr + predicted.out + predicted.err).lower()
     assert [what for what, value in secrets.items() if value.lower() in console] == []
+
+
+def test_the_default_key_lives_outside_the_cache(monkeypatch, tmp_path):
+    """The key that makes pseudonyms defaults to the user's config folder, never the cache it protects."""
+    monkeypatch.delenv("OVCF_KEY_FILE", raising=False)
+    monkeypatch.delenv("OVCF_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    paths = compose_cfg("train").paths
+    key, cache = Path(paths.key_file).expanduser().resolve(), Path(paths.cache_dir).expanduser().resolve()
+    assert key == tmp_path / "config" / "ovcf" / "pseudonym.key" and not key.is_relative_to(cache)
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    assert Path(compose_cfg("train").paths.key_file).expanduser() == Path.home() / ".config" / "ovcf" / "pseudonym.key"
+    monkeypatch.setenv("OVCF_KEY_FILE", str(tmp_path / "elsewhere.key"))
+    assert compose_cfg("train").paths.key_file == str(tmp_path / "elsewhere.key")
+
+
+def test_a_key_inside_the_cache_is_refused(tiny_cohort, tmp_path, monkeypatch):
+    from ovcf.data.ingest import ingest
+    from ovcf.data.roi import RoiSpec
+    from ovcf.errors import ConfigError
+
+    monkeypatch.delenv("OVCF_PSEUDONYM_KEY", raising=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError) as refused:
+        ingest(tiny_cohort, cache, RoiSpec(24, 2.0), cache / "keys" / "pseudonym.key", progress=False)
+    message = str(refused.value)
+    assert "paths.key_file" in message and "cache" in message and "\n" not in message
+    assert not (cache / "keys" / "pseudonym.key").exists(), "no key is written into the cache"
+
+
+def test_the_flow_report_names_no_input_folder(tiny_cohort, tmp_path):
+    """A cohort folder named after a patient (as PACS exports often are) appears in no report ingest writes."""
+    from ovcf.data.ingest import ingest
+    from ovcf.data.roi import RoiSpec
+
+    folder = "MRNPHI5521_ZYXWVUTPHI^QWERTYPHI"
+    cohort = tmp_path / folder
+    (cohort / "dicom").mkdir(parents=True)  # no images: every row is excluded, which is quick
+    shutil.copy(tiny_cohort / "clinical.csv", cohort / "clinical.csv")
+    cache = ingest(cohort, tmp_path / "cache", RoiSpec(24, 2.0), tmp_path / "key", progress=False)
+    assert (cache / "flow.md").read_text().startswith("# Cohort flow\n")
+    assert _leaks(tmp_path / "cache", {"folder": folder, "patient": "MRNPHI5521", "name": "ZYXWVUTPHI"}) == []
+
+
+STANDARD_UID = "1.2.840.10008."  # DICOM's own UIDs (SOP classes, transfer syntaxes): they name no patient or study
+
+
+def _source_values(folder: Path) -> dict[str, set[str]]:
+    """Every UID (but DICOM's own) and every date of the DICOM files under `folder`, and their identity tags."""
+    import pydicom
+
+    found: dict[str, set[str]] = {"uids": set(), "dates": set()}
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        for element in ds.iterall():
+            values = element.value if element.VM > 1 else [element.value]
+            if element.VR == "UI":
+                found["uids"] |= {str(v) for v in values if v and not str(v).startswith(STANDARD_UID)}
+            elif element.VR in ("DA", "DT") and element.keyword != "PatientBirthDate":  # birth dates: SECRETS
+                found["dates"] |= {str(v) for v in values if v}
+    return found
+
+
+@pytest.fixture(scope="module")
+def ct_to_segment(phi_cohort, tmp_path_factory):
+    """One patient of the PHI-planted cohort, with its scanner's serial number and station name planted too: its CT
+    chosen as predict chooses it, and a mask of L1 on its voxels."""
+    import numpy as np
+    import pydicom
+
+    from ovcf.contract import LEVEL_IDS
+    from ovcf.data.ct import IngestChecks, find_cases, load_case
+
+    cohort, secrets = phi_cohort
+    source = sorted(p for p in (cohort / "dicom").iterdir() if p.is_dir())[0]
+    folder = shutil.copytree(source, tmp_path_factory.mktemp("seg") / "patient")
+    secrets = {**secrets, "device serial": "SNPHI40417", "station": "STATIONPHI7"}
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        ds.DeviceSerialNumber, ds.StationName = secrets["device serial"], secrets["station"]
+        ds.save_as(path)
+    (case,) = find_cases(folder, progress=False)
+    choice = load_case(case, IngestChecks(), "pseudo1234")
+    labels = np.zeros(choice.volume.array.shape, np.uint8)
+    k = labels.shape[2] // 2
+    labels[10:20, 12:22, k - 2 : k + 2] = LEVEL_IDS["L1"]
+    return {"folder": folder, "case": case, "series": choice.series, "labels": labels, "secrets": secrets}
+
+
+def _write_seg(ct: dict, path: Path, mode: str):
+    from types import SimpleNamespace
+
+    import pydicom
+
+    from ovcf.data.ct import IngestChecks
+    from ovcf.inference.patient import write_dicom_seg
+
+    system = SimpleNamespace(checks=IngestChecks(), meta={"version": "0.0-test"})  # what the writer reads of a system
+    write_dicom_seg(path, ct["series"], ct["labels"], "pseudo1234", system, mode)
+    return pydicom.dcmread(path)
+
+
+def test_a_research_seg_carries_nothing_of_the_source(ct_to_segment, tmp_path):
+    """The default SEG: new study, series, instance and frame-of-reference UIDs, the pseudonym, no source date."""
+    import highdicom as hd
+
+    seg = _write_seg(ct_to_segment, tmp_path / "seg.dcm", "research")
+    source = _source_values(ct_to_segment["folder"])
+    assert source["uids"] and source["dates"], "the search has something to look for"
+    blob = (tmp_path / "seg.dcm").read_bytes()
+    assert [uid for uid in source["uids"] if uid.encode() in blob] == []
+    assert [date for date in source["dates"] if date.encode() in blob] == []
+    assert _leaks(tmp_path, ct_to_segment["secrets"]) == []
+    assert seg.PatientID == "pseudo1234" and seg.PatientName == "pseudo1234^" and not seg.get("PatientSex")
+    assert not seg.get("StudyDate") and not seg.get("AccessionNumber") and "research" in seg.SeriesDescription
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID not in source["uids"]
+    frames = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in frames.SegmentSequence] == ["L1"] and frames.NumberOfFrames == 4
+
+
+def test_a_pacs_seg_files_with_its_ct(ct_to_segment, tmp_path):
+    """seg_mode=pacs: the patient's identity and the source study, frame of reference and series, for a PACS."""
+    import pydicom
+
+    seg = _write_seg(ct_to_segment, tmp_path / "seg.dcm", "pacs")
+    ct = pydicom.dcmread(ct_to_segment["series"].slices[0].path, stop_before_pixels=True)
+    assert seg.PatientID == ct.PatientID and ct.PatientID in ct_to_segment["secrets"].values()
+    assert (seg.PatientName, seg.PatientBirthDate, seg.PatientSex) == (ct.PatientName, ct.PatientBirthDate, ct.PatientSex)
+    assert seg.StudyInstanceUID == ct.StudyInstanceUID and seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == ct.SeriesInstanceUID
+    sources = {s.sop_uid for s in ct_to_segment["series"].slices}
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} <= sources
+    assert "pacs" in seg.SeriesDescription

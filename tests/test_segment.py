@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import lightning as L
 import nibabel as nib
@@ -124,7 +123,7 @@ def test_segment_cohort_writes_one_mask_per_patient_on_its_ct(checkpoint, tiny_c
     written = sorted(out.glob("*.nii.gz"))
     assert len(written) == sum(1 for r in table if not r["note"]) >= 6
     # every mask lies on the voxels of its patient's CT, as the cohort's own mask does
-    secret = load_key(Path(cli_env["OVCF_CACHE_DIR"]) / "pseudonym.key")
+    secret = load_key(cli_env["OVCF_KEY_FILE"])
     for p in truth:
         ours = out / f"{pseudonym(p['patient_id'], secret)}.nii.gz"
         if ours.exists():

@@ -103,7 +103,7 @@ def test_same_seed_same_metrics(tiny_cohort, tmp_path):
             {"n_slices": 3, "slice_step": 2},
             cohort=str(tiny_cohort),
             cache_dir=str(tmp_path / name),
-            key_file=str(tmp_path / name / "key"),
+            key_file=str(tmp_path / f"{name}.key"),
             val_fraction=0.5,
             batch_size=4,
         )[1]
@@ -125,7 +125,7 @@ def test_model_learns_easy_cohort(tmp_path):
         kwargs,
         seed=1,
         cohort=str(synthetic_cohort(tmp_path, params, num_workers=2, progress=False)),
-        cache_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
         key_file=str(tmp_path / "key"),
         val_fraction=0.34,
         batch_size=8,

@@ -91,7 +91,7 @@ def time_ingest(cohort: Path, cache_root: Path, workers: int) -> tuple[float, fl
     """Seconds for a cold ingest, for the same call again (cache fresh) and for `read_index`; and the cache."""
     data = train_config().data  # the default run's ROI and whole-CT volumes
     roi = RoiSpec.from_settings(data, data.volume_spacing)
-    kwargs = {"cache_root": cache_root, "roi": roi, "key_file": cache_root / "key", "num_workers": workers}
+    kwargs = {"cache_root": cache_root / "cache", "roi": roi, "key_file": cache_root / "key", "num_workers": workers}
     start = time.perf_counter()
     cache = ingest(cohort, progress=True, **kwargs)
     cold = time.perf_counter() - start

@@ -130,7 +130,7 @@ class CohortDataModule(L.LightningDataModule):
         synthetic: the generator parameters when `cohort` is the built-in synthetic cohort (set by
             the entry point; kept in checkpoints so the sign ablation can render it again), else None.
         cache_dir: where preprocessed, pseudonymised samples are kept.
-        key_file: pseudonym key file (see `ovcf.data.pseudonym`).
+        key_file: pseudonym key file (see `ovcf.data.pseudonym`; None: the user's config folder).
         dev_center: center used for train/val; None takes the first center name in sorted order.
         external_center: center used only for test; None takes the second.
         val_fraction: share of development patients held out for validation: the development
@@ -161,7 +161,7 @@ class CohortDataModule(L.LightningDataModule):
         hu_window: tuple[float, float],
         synthetic: dict | None = None,
         cache_dir: str = ".cache/ovcf",
-        key_file: str = "~/.cache/ovcf/pseudonym.key",
+        key_file: str | None = None,
         dev_center: str | None = None,
         external_center: str | None = None,
         val_fraction: float = 0.2,

@@ -245,7 +245,7 @@ def write_flow(out: Path, rows: list[dict], files: dict, title: str = "Cohort fl
         out: the report folder; no other path is written into the report (only pseudonyms identify patients).
         rows: one dict per clinical.csv row, see `flow_totals`.
         files: counts from the DICOM scan, see `flow_totals`.
-        title: heading of the markdown report.
+        title: heading of the markdown report; never a folder or file name (exports are often named after a patient).
 
     Returns:
         The totals (`flow_totals(rows, files)`).

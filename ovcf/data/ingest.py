@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
-from ovcf.data.atomic import write_atomic, write_json
+from ovcf.data.atomic import write_atomic, write_csv, write_json
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import FILE_KINDS, find_files
@@ -277,7 +277,7 @@ def ingest(
     cohort: str | Path,
     cache_root: str | Path,
     roi: RoiSpec,
-    key_file: str | Path = "~/.cache/ovcf/pseudonym.key",
+    key_file: str | Path | None = None,
     num_workers: int = 1,
     progress: bool = True,
     checks: IngestChecks | dict | None = None,
@@ -300,7 +300,7 @@ def ingest(
         if not masks.is_dir():
             raise CohortError(f"predicted masks folder {masks} does not exist; write it with python -m ovcf.segment ckpt=...")
     out = cache_folder(cohort, Path(cache_root), roi, masks)
-    key = load_key(Path(key_file))
+    key = load_key(key_file, cache_root)
     settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
     fingerprint = _fingerprint(cohort, settings)
     stamp = out / "fingerprint.json"
@@ -343,7 +343,7 @@ def ingest(
         "patients_reused": len(records) - len(jobs),
         "patients_ingested": len(jobs),
     }
-    write_flow(out, index, totals, title=f"Cohort flow: {cohort.name}")
+    write_flow(out, index, totals)  # no title naming the cohort folder: exports are often named after a patient
     if all(rec["hash"] is not None for rec in records.values()):  # else: retry the failed patients next time
         write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
     else:
@@ -352,19 +352,17 @@ def ingest(
 
 
 def _write_index(path: Path, index: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in index:
-            writer.writerow(
-                {
-                    **r,
-                    "age": "" if r["age"] is None else r["age"],
-                    "dxa_t_score": "" if r["dxa_t_score"] is None else r["dxa_t_score"],
-                    "reasons": ";".join(r["reasons"]),
-                    "flags": ";".join(r["flags"]),
-                }
-            )
+    rows = (
+        {
+            **r,
+            "age": "" if r["age"] is None else r["age"],
+            "dxa_t_score": "" if r["dxa_t_score"] is None else r["dxa_t_score"],
+            "reasons": ";".join(r["reasons"]),
+            "flags": ";".join(r["flags"]),
+        }
+        for r in index
+    )
+    write_csv(path, rows, INDEX_COLUMNS, extrasaction="ignore")
 
 
 def read_index(cache: Path) -> list[dict]:

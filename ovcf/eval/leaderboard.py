@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from ovcf.data.atomic import write_csv, write_text
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -78,10 +79,7 @@ def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
     if not table:
         return None
     columns = list(dict.fromkeys(["best", *(k for row in table for k in row if k != "best")]))
-    with open(sweep_dir / "leaderboard.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(sweep_dir / "leaderboard.csv", table, columns, restval="")
     lines = [
         f"# Leaderboard: {sweep_dir.name}",
         "",
@@ -92,7 +90,7 @@ def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
         *("| " + " | ".join(_cell(row.get(c, ""), c) for c in columns) + " |" for row in table),
     ]
     path = sweep_dir / "leaderboard.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -3,10 +3,11 @@ CSV and as arrays: what training, evaluate and the study write and read back."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
+
+from ovcf.data.atomic import write_csv
 
 COLUMNS = ("pseudonym", "level", "set", "label", "probability", "fold")
 
@@ -14,10 +15,7 @@ COLUMNS = ("pseudonym", "level", "set", "label", "probability", "fold")
 def write_predictions(path: Path, records: list[dict], first: list[str] | None = None) -> None:
     """Prediction records as CSV: the `first` columns, then every other key in order of appearance."""
     columns = list(dict.fromkeys([*(first or ["id", "label", "probability"]), *(k for r in records for k in r)]))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(path, records, columns, restval="")
 
 
 def arrays(records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
+from ovcf.data.atomic import write_text
 from ovcf.eval.figures import slug
 from ovcf.eval.metrics import RATES, ci_text, p_value
 
@@ -199,5 +200,5 @@ def write_report(out: Path, report: dict, study: dict | None = None, segmentatio
         "</body></html>"
     )
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

@@ -10,8 +10,6 @@ by the patient's pseudonym only.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import sys
 import time
@@ -27,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
+from ovcf.data.atomic import write_atomic, write_csv, write_json
 from ovcf.data.ct import Case, check_level, load_case, slice_problem
 from ovcf.data.datamodule import VertebraDataset
 from ovcf.data.heights import level_heights
@@ -87,7 +86,8 @@ def predict_patient(
 ) -> dict:
     """Segments, measures and classifies one patient `name` (its pseudonym); writes `<out>/<name>/` and returns its report.
 
-    Options: `nifti` (the predicted mask as `mask.nii.gz`) and `dicom_seg` (as a DICOM SEG on the source series).
+    Options: `nifti` (the predicted mask as `mask.nii.gz`), `dicom_seg` (as a DICOM SEG on the source series) and
+    `seg_mode` (`research`, the default, or `pacs`: see `write_dicom_seg`).
     """
     start = time.perf_counter()
     choice = load_case(case, system.checks, name)
@@ -133,7 +133,7 @@ def predict_patient(
             notes.append("dicom_seg: skipped, the segmenter found no vertebral body")
         else:
             try:
-                write_dicom_seg(folder / "seg.dcm", series, segmentation.on_grid(raw), name, system)
+                write_dicom_seg(folder / "seg.dcm", series, segmentation.on_grid(raw), name, system, _seg_mode(options))
                 files["dicom_seg"] = "seg.dcm"
             except CohortError as exc:  # the prediction stands; only its SEG cannot be written
                 notes.append(f"dicom_seg: skipped, {exc}")
@@ -152,10 +152,16 @@ def predict_patient(
         "levels_requested": levels if isinstance(levels, str) else list(levels),
         "levels": entries,
         "files": files,
+        "seg_mode": _seg_mode(options),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(folder / "report.json", report, indent=2)
     return report
+
+
+def _seg_mode(options: dict) -> str | None:
+    """The DICOM SEG's mode among predict's `options` (None: no SEG asked for), named in report and summary."""
+    return check_seg_mode(options.get("seg_mode", "research")) if options.get("dicom_seg") else None
 
 
 def _decision(probability: float, system: System) -> str:
@@ -163,33 +169,67 @@ def _decision(probability: float, system: System) -> str:
     return "acute" if probability >= system.threshold else "chronic"
 
 
-COPIED = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
-    "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
-    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PatientSex", "SeriesNumber", "InstanceNumber",
+SEG_MODES = {
+    "research": "new UIDs and the pseudonym: nothing in it leads back to the patient or the source CT",
+    "pacs": "the patient's identity and the source study, frame of reference and series, so a PACS files it with its CT",
+}
+IMAGE = (
+    "SOPClassUID", "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+    "SliceThickness", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "SeriesNumber", "InstanceNumber", "SpecificCharacterSet",
+)  # fmt: skip
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+IDENTITY = (
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
 )  # fmt: skip
 
 
-def _source_header(path: str, name: str):
-    """The slice's geometry and UIDs, nothing that identifies the patient: PatientID and name become the pseudonym."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    clean = Dataset()
-    for keyword in COPIED:
-        if keyword in ds:
-            setattr(clean, keyword, ds.data_element(keyword).value)
-    clean.PatientID, clean.PatientName = name, f"{name}^"  # the caret: a one-component person name
-    for keyword in ("PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
-        setattr(clean, keyword, "")
-    return clean
+def check_seg_mode(mode: str) -> str:
+    """`mode` when it is one of `SEG_MODES`, else `ConfigError` naming them."""
+    if mode not in SEG_MODES:
+        raise ConfigError(f"seg_mode={mode}: use " + " or ".join(f"{k} ({v})" for k, v in SEG_MODES.items()))
+    return mode
 
 
-def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: System) -> Path:
+def _source_headers(paths: list[str], name: str, mode: str) -> list[Dataset]:
+    """What highdicom takes from each source slice: its geometry and, by `mode`, its UIDs and patient.
+
+    `research`: the source's study, series, instance and frame-of-reference UIDs are replaced by new
+    ones (consistent across the slices) and the patient is the pseudonym `name`, so the SEG references
+    no source object and carries no date, name or number of the source. `pacs`: the source's UIDs and
+    patient and study identity, as a PACS needs them to file the SEG with its CT.
+    """
+    new = {keyword: hd.UID() for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    copied = IMAGE if mode == "research" else IMAGE + SOURCE_UIDS + IDENTITY
+    headers = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        clean = Dataset()
+        for keyword in copied:
+            if keyword in ds:
+                setattr(clean, keyword, ds.data_element(keyword).value)
+        if mode == "research":
+            for keyword, uid in new.items():
+                setattr(clean, keyword, uid)
+            clean.SOPInstanceUID = hd.UID()
+            clean.PatientID, clean.PatientName = name, f"{name}^"  # the caret: a one-component person name
+        for keyword in IDENTITY:  # highdicom reads each of them; empty: not known
+            if keyword not in clean:
+                setattr(clean, keyword, "")
+        headers.append(clean)
+    return headers
+
+
+def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: System, mode: str = "research") -> Path:
     """A DICOM SEG (highdicom) of the predicted levels on the source CT series, one segment per level.
 
     `labels` are VerSe ids on the series' own voxels as `load_series` reads them (column, row, slice
-    in the validated slice order). The SEG references the CT's study, series and instances, so a
-    PACS viewer overlays it; its patient is the pseudonym and it carries no other patient data.
+    in the validated slice order). `mode` (see `SEG_MODES`, named in the SeriesDescription):
+    `research` writes the pseudonym `name` and new UIDs, so the SEG can be shared with the
+    pseudonymised results; `pacs` writes the patient's identity and references the CT's study, frame
+    of reference, series and instances, so that a PACS files the SEG with its CT and a viewer
+    overlays it (the file is then patient data).
     """
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source UIDs
 
@@ -219,7 +259,7 @@ def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: S
         )
     pixels = np.stack([lut[labels[:, :, k].T] for k in range(labels.shape[2])])  # (frames, rows, columns)
     seg = hd.seg.Segmentation(
-        source_images=[_source_header(h.path, name) for h in ordered],
+        source_images=_source_headers([h.path for h in ordered], name, check_seg_mode(mode)),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -232,8 +272,9 @@ def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: S
         software_versions=str(system.meta.get("version", "")),
         device_serial_number="0",
         content_label="VERTEBRAE",
+        series_description=f"ovcf vertebral bodies ({mode})",
     )
-    seg.save_as(path)
+    write_atomic(path, seg.save_as)
     return path
 
 
@@ -284,6 +325,7 @@ def predict_cases(
 ) -> dict:
     """`predict_patient` for every case, each under its pseudonym; one patient's refusal (printed in one
     line) does not stop the others. Writes `<out>/summary.json` and `summary.csv`; returns the summary."""
+    seg_mode = _seg_mode(options)  # a wrong mode fails before any work
     named = sorted(((pseudonym(c.patient_id, key), c) for c in cases), key=lambda nc: nc[0])
     done, refused, rows = [], {}, []
     print(f"System {system.meta.get('version', '?')} ({system.folder}); {len(cases)} patient(s)")
@@ -303,12 +345,15 @@ def predict_cases(
             for e in report["levels"]
         )
         print(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
-    summary = {"system": str(system.folder), "threshold": system.threshold, "patients": done, "refused": refused}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY)
-        writer.writeheader()
-        writer.writerows(rows)
+    summary = {
+        "system": str(system.folder),
+        "threshold": system.threshold,
+        "seg_mode": seg_mode,
+        "patients": done,
+        "refused": refused,
+    }
+    write_json(out / "summary.json", summary, indent=2)
+    write_csv(out / "summary.csv", rows, SUMMARY)
     if not done:
         if len(refused) == 1:
             raise CohortError(next(iter(refused.values())))

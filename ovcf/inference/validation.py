@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ovcf.data.atomic import write_json, write_text
 from ovcf.errors import ConfigError
 from ovcf.eval import figures, wandb_media
 from ovcf.eval import metrics as M
@@ -90,8 +91,8 @@ def evaluate(
             "specificity_half_width": (t["specificity"]["high"] - t["specificity"]["low"]) / 2,
         },
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    (out / "metrics.md").write_text(metrics_markdown(report))
+    write_json(out / "metrics.json", report, indent=2)
+    write_text(out / "metrics.md", metrics_markdown(report))
     write_predictions(out / "predictions.csv", records, ["model", *COLUMNS])
 
     curves = []

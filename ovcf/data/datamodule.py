@@ -345,7 +345,7 @@ class CohortDataModule(L.LightningDataModule):
         return self._loader(self._test_set(), shuffle=False)
 
     def _test_set(self) -> str:
-        """ "test", or for a one-center cohort (which has no test set) one line instead of a KeyError."""
+        """The test set's name; for a one-center cohort (which has none) one clear line instead of a KeyError."""
         if self.centers["external"] is None:
             raise ConfigError(
                 f"the cohort has one center ({self.centers['dev']}) and no external center: nothing to test; "

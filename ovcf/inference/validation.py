@@ -74,7 +74,7 @@ def evaluate(
     ids = [(r["pseudonym"], r["level"]) for r in scored[best]]
     for label in list(models)[1:]:
         if [(r["pseudonym"], r["level"]) for r in scored[label]] != ids:
-            raise ConfigError(f"{label} and {best} were scored on different rows: no paired test")
+            raise ConfigError(f"{label} and {best} were scored on different rows: no paired test; evaluate them apart")
         y, p_other, _ = arrays(scored[label])
         _, p_best, _ = arrays(scored[best])
         comparisons.append({"model": label, "against": best, **M.delong_test(y, p_other, p_best)})
@@ -113,12 +113,11 @@ def evaluate(
             {"label": label, "labels": y, "scores": p, "auc": r["auc"], "point": point, "calibration": m["calibration"]}
         )
         figures.confusion_figure(r["confusion"], out / f"confusion_{slug(label)}.png", f"{label}\nthreshold {r['threshold']:.3f}")
+    titles = (f"External test: {external}", "Calibration, external test")
     if external is None:
-        figures.roc_figure(curves, out / "roc.png", f"Internal validation: center {dev} (no external center)")
-        figures.calibration_figure(curves, out / "calibration.png", "Calibration, internal validation")
-    else:
-        figures.roc_figure(curves, out / "roc.png", f"External test: {external}")
-        figures.calibration_figure(curves, out / "calibration.png")
+        titles = (f"Internal validation: center {dev} (no external center)", "Calibration, internal validation")
+    figures.roc_figure(curves, out / "roc.png", titles[0])
+    figures.calibration_figure(curves, out / "calibration.png", titles[1])
     if cache is not None and (Path(cache) / "flow.png").is_file():
         shutil.copy(Path(cache) / "flow.png", out / "flow.png")  # the cohort flow diagram of the scored cohort
     best_run = runs[0][1]

@@ -29,10 +29,8 @@ def ingest(cfg: DictConfig) -> dict:
         print(f"  flagged, {flag}: {n}")
     splits = dm.make_splits()
     print(f"Flow report: {dm.cache / 'flow.md'} (also flow.json, flow.png)")
-    print(
-        f"Splits ({splits['n_folds']} folds of center {splits['dev_center']}, test center {splits['external_center']}): "
-        f"{dm.cache / 'splits.json'}"
-    )
+    test = f"test center {splits['external_center']}" if splits["external_center"] is not None else "no external center"
+    print(f"Splits ({splits['n_folds']} folds of center {splits['dev_center']}; {test}): {dm.cache / 'splits.json'}")
     return flow
 
 

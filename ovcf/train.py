@@ -2,7 +2,9 @@
 
 Writes into the run folder: checkpoints (best by the optimized metric, and last), CSV (and W&B)
 logs, `results.json` with the final validation and external-test metrics, and
-`test_predictions.csv`. Returns the optimized metric for Hydra sweepers.
+`test_predictions.csv`. Returns the optimized metric for Hydra sweepers. A cohort of one center
+has no external test: `results.json` then holds `"test": null` and a `note` that its figures are
+internal validation (patient folds), and no `test_predictions.csv` is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ovcf.cli import hydra_main, resolve_cohort
 from ovcf.data.atomic import write_json
 from ovcf.data.ingest import cache_fingerprint
+from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
 from ovcf.eval.predictions import write_predictions
@@ -35,8 +38,14 @@ def _strip(metrics: dict, prefix: str) -> dict:
 
 
 def summary(results: dict) -> str:
-    """One line on the external test, in the task's own metrics."""
+    """One line on the external test, in the task's own metrics (on validation when there is none)."""
     t, v, ext = results["test"], results["val"], results["centers"]["external"]
+    if ext is None:  # one center: the validation figures, with the note that they are internal
+        if results["task"] == "segmentation":
+            figures = f"val Dice {v['dice']:.3f}"
+        else:
+            figures = f"val AUROC {v['auroc']:.3f}, sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}"
+        return f"{results['note']}.\nInternal validation (center {results['centers']['dev']}): {figures}"
     if results["task"] == "segmentation":
         return (
             f"External test (center {ext}, {results['n']['test']} scans): mean Dice {t['dice']:.3f}, "
@@ -163,20 +172,19 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if trainer.world_size > 1:
         trainer = evaluation_trainer(cfg, trainer)
-    val = (
-        {}
-        if stop_epoch is not None
-        else trainer.validate(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-    )
-    test = trainer.test(fit_model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    score = {"datamodule": datamodule, "ckpt_path": best, "verbose": False, "weights_only": True}
+    val = {} if stop_epoch is not None else trainer.validate(fit_model, **score)[0]
+    external = datamodule.centers["external"] is not None  # one center: no test set, nothing to test
+    test = trainer.test(fit_model, **score)[0] if external else None
 
     results = {
         "task": cfg.task,
         "model": cfg.model.model_name,
         "overrides": _overrides(),
         "val": _strip(val, "val"),
-        "test": _strip(test, "test"),
+        "test": _strip(test, "test") if external else None,
         "centers": datamodule.centers,
+        **({} if external else {"note": one_center_note(datamodule.centers["dev"])}),
         "n": {name: len(getattr(ds, "volumes", ds)) for name, ds in datamodule.datasets.items()},  # samples or scans
         "best_checkpoint": str(Path(best).relative_to(out)) if best else None,
         **({"stop_epoch": stop_epoch} if stop_epoch is not None else {}),
@@ -186,11 +194,12 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
         "params": sum(p.numel() for p in model.parameters()),
     }
     if hasattr(model, "per_level_dice"):
-        results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in ("val", "test")}
-        results["fracture_dice"] = {stage: model.fracture_dice(stage) for stage in ("val", "test")}
+        stages = ("val", "test") if external else ("val",)
+        results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in stages}
+        results["fracture_dice"] = {stage: model.fracture_dice(stage) for stage in stages}
     write_json(out / "results.json", results, indent=2)
     write_json(out / "splits.json", datamodule.splits)  # which patients trained, validated, tested
-    if hasattr(model, "test_predictions"):
+    if external and hasattr(model, "test_predictions"):
         write_predictions(out / "test_predictions.csv", model.test_predictions)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
@@ -205,11 +214,16 @@ CV_TEST = {
 }
 
 
+SHARED = ("task", "model", "overrides", "centers", "note", "seed", "data_hash", "params")  # a CV run's, from its folds
+
+
 def cross_validate(cfg: DictConfig, folds: int) -> dict:
     """`cv.folds` patient folds of the development center: one model per fold (in `fold_<k>/`), val
     metrics as mean and sd over folds, and the external test scored once, by the fold ensemble (mean
     probability) or by a model refit on every development patient (`cv.test=refit`, in `refit/`).
-    The external center never enters a fold."""
+    The external center never enters a fold. A one-center cohort has no external test: the results
+    are the folds' validation figures (each fold's own patients, out of fold), and a refit model is
+    still trained (the model to export) but not tested."""
     if cfg.task != "classification":
         raise ConfigError("cv.folds > 1 is for task=classification; segmenters use one validation fold")
     mode = cfg.cv.get("test", "ensemble")
@@ -223,26 +237,32 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
     for k in range(folds):
         print(f"Fold {k + 1} of {folds}")
         runs.append(fit_and_test(_member_cfg(cfg, out / f"fold_{k}", folds, k), out / f"fold_{k}"))
+    external = runs[0]["centers"]["external"] is not None
     if mode == "refit":
         test, predictions, extra = refit(cfg, out, folds, runs)
     else:
-        test, predictions = fold_ensemble(out, folds)
+        test, predictions = fold_ensemble(out, folds) if external else (None, None)
         extra = {}
     vals = {key: [r["val"][key] for r in runs] for key in runs[0]["val"]}
     results = {
-        **{key: runs[0][key] for key in ("task", "model", "overrides", "centers", "seed", "data_hash", "params")},
+        **{key: runs[0][key] for key in SHARED if key in runs[0]},
         "val": {key: float(np.mean(v)) for key, v in vals.items()},
         "val_sd": {key: float(np.std(v, ddof=1)) for key, v in vals.items()},
         "test": test,
         "cv": {"folds": folds, "test": mode, **extra},
         "folds": [{"fold": k, "val": r["val"], "test": r["test"], "n": r["n"]} for k, r in enumerate(runs)],
-        "n": {"train+val": sum(runs[0]["n"][s] for s in ("train", "val")), "test": runs[0]["n"]["test"]},
+        "n": {
+            "train+val": sum(runs[0]["n"][s] for s in ("train", "val")),
+            **({"test": runs[0]["n"]["test"]} if external else {}),
+        },
         "fit_seconds": round(sum(r["fit_seconds"] for r in runs) + extra.get("refit_seconds", 0.0), 1),
     }
     write_json(out / "results.json", results, indent=2)
-    write_predictions(out / "test_predictions.csv", predictions)
+    if predictions is not None:
+        write_predictions(out / "test_predictions.csv", predictions)
     sd = results["val_sd"]["auroc"]
-    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; test = {CV_TEST[mode]}")
+    test_line = f"test = {CV_TEST[mode]}" if external else "no external test"
+    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; {test_line}")
     return results
 
 
@@ -273,7 +293,7 @@ def fold_ensemble(out: Path, folds: int) -> tuple[dict, list[dict]]:
     return _scores(ensemble), ensemble
 
 
-def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dict, list[dict], dict]:
+def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dict | None, list[dict] | None, dict]:
     """`cv.test=refit`: one more model on every development patient (`refit/`), trained on the folds'
     schedule and stopped at the median of the epochs their validation chose: with no patient left
     to validate on, the folds pick the epoch. It alone scores the external center."""
@@ -285,8 +305,10 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
             refit_cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor: keep the last epoch
     print(f"Refit on every development patient: epochs 1 to {stop + 1} (the folds' best epochs: {[e + 1 for e in epochs]})")
     result = fit_and_test(refit_cfg, out / "refit", stop_epoch=stop)
-    rows = list(csv.DictReader(open(out / "refit" / "test_predictions.csv")))
-    rows = [{"id": r["id"], "label": int(r["label"]), "probability": float(r["probability"])} for r in rows]
+    rows = None  # a one-center cohort: nothing to test
+    if result["test"] is not None:
+        rows = list(csv.DictReader(open(out / "refit" / "test_predictions.csv")))
+        rows = [{"id": r["id"], "label": int(r["label"]), "probability": float(r["probability"])} for r in rows]
     extra = {"refit_epoch": stop + 1, "fold_epochs": [e + 1 for e in epochs], "refit_seconds": result["fit_seconds"]}
     return result["test"], rows, extra
 

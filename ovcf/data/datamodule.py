@@ -1,8 +1,9 @@
 """LightningDataModule over one cohort: development center -> train/val, the other -> test.
 
 The external center is read only for `test` (and `predict`); it never enters training or model
-selection. The data module takes a cohort folder; the entry points generate the built-in synthetic
-cohort when none is given (`ovcf.cli.resolve_cohort`), so reading data never starts the generator.
+selection. A cohort of one center has patient folds and no test set (internal validation only).
+The data module takes a cohort folder; the entry points generate the built-in synthetic cohort
+when none is given (`ovcf.cli.resolve_cohort`), so reading data never starts the generator.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ovcf.data.ct import IngestChecks
 from ovcf.data.ingest import check_cohort, ingest, read_index
 from ovcf.data.roi import RoiSpec, window_hu
 from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
-from ovcf.data.splits import cohort_splits, write_splits
+from ovcf.data.splits import cohort_splits, one_center_note, write_splits
 from ovcf.errors import ConfigError
 
 
@@ -132,7 +133,8 @@ class CohortDataModule(L.LightningDataModule):
         cache_dir: where preprocessed, pseudonymised samples are kept.
         key_file: pseudonym key file (see `ovcf.data.pseudonym`; None: the user's config folder).
         dev_center: center used for train/val; None takes the first center name in sorted order.
-        external_center: center used only for test; None takes the second.
+        external_center: center used only for test; None takes the second, or none when the cohort
+            has one center (then there is no test set: internal validation only).
         val_fraction: share of development patients held out for validation: the development
             center is cut into round(1 / val_fraction) patient folds (written to `splits.json`).
         fold: which of those folds validates (the others train); None: every development patient
@@ -219,7 +221,7 @@ class CohortDataModule(L.LightningDataModule):
             )
         found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
         dev, ext = self._centers(found)
-        self.centers: dict[str, str] = {"dev": dev, "external": ext}
+        self.centers: dict[str, str | None] = {"dev": dev, "external": ext}
 
     @property
     def cohort_path(self) -> Path:
@@ -245,7 +247,7 @@ class CohortDataModule(L.LightningDataModule):
 
     def split_rows(self) -> dict[str, list[dict]]:
         """Included index rows of each set: "train" and "val" (patient folds of the development center;
-        no "val" with `fold=None`), "test"."""
+        no "val" with `fold=None`), "test" (none when the cohort has one center)."""
         hp = self.hparams
         self.prepare_data()
         index = read_index(self.cache)
@@ -253,18 +255,19 @@ class CohortDataModule(L.LightningDataModule):
         rows = [r for r in index if r["included"]]
         dev_rows = [r for r in rows if r["center"] == dev]
         ext_rows = [r for r in rows if r["center"] == ext]
-        if not dev_rows or not ext_rows:
+        if not dev_rows or (ext is not None and not ext_rows):
             empty = dev if not dev_rows else ext
             raise ConfigError(f"center '{empty}' has no included rows in {self.cohort_path}; see {self.cache / 'index.csv'}")
         folds = self.make_splits(index)["folds"]
         if hp.fold is None:  # a refit: no validation set
-            return {"train": dev_rows, "test": ext_rows}
-        val_rows = set(folds[hp.fold]["rows"])
-        return {
-            "train": [r for r in dev_rows if r["row"] not in val_rows],
-            "val": [r for r in dev_rows if r["row"] in val_rows],
-            "test": ext_rows,
-        }
+            parts = {"train": dev_rows}
+        else:
+            val_rows = set(folds[hp.fold]["rows"])
+            parts = {
+                "train": [r for r in dev_rows if r["row"] not in val_rows],
+                "val": [r for r in dev_rows if r["row"] in val_rows],
+            }
+        return parts if ext is None else parts | {"test": ext_rows}
 
     def make_splits(self, index: list[dict] | None = None) -> dict:
         """Patient folds of the development center and the external test set, written to `splits.json`."""
@@ -273,19 +276,22 @@ class CohortDataModule(L.LightningDataModule):
         write_splits(self.cache / "splits.json", self.splits)
         return self.splits
 
-    def _centers(self, found: list[str]) -> tuple[str, str]:
+    def _centers(self, found: list[str]) -> tuple[str, str | None]:
+        """(development, external) center; external is None when the cohort holds one center only."""
         hp = self.hparams
         listing = ", ".join(found) or "none"
         for key, name in (("dev_center", hp.dev_center), ("external_center", hp.external_center)):
             if name is not None and name not in found:
                 raise ConfigError(f"data.{key}='{name}' is not a center of {self.cohort_path}; centers found: {listing}")
-        dev = hp.dev_center if hp.dev_center is not None else (found[0] if found else None)
+        if not found:
+            raise ConfigError(f"{CLINICAL_CSV} names no center: fill its center column")
+        dev = hp.dev_center if hp.dev_center is not None else found[0]
         rest = [c for c in found if c != dev]
         ext = hp.external_center if hp.external_center is not None else (rest[0] if rest else None)
-        if dev is None or ext is None or dev == ext:
+        if dev == ext:
             raise ConfigError(
-                f"need two different centers (development and external) in {self.cohort_path}; centers found: {listing}; "
-                "set data.dev_center and data.external_center"
+                f"data.dev_center and data.external_center are both '{dev}': name two different centers "
+                f"(centers found: {listing}), or leave data.external_center null"
             )
         return dev, ext
 
@@ -333,10 +339,19 @@ class CohortDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self._test_set(), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self._test_set(), shuffle=False)
+
+    def _test_set(self) -> str:
+        """The test set's name; for a one-center cohort (which has none) one clear line instead of a KeyError."""
+        if self.centers["external"] is None:
+            raise ConfigError(
+                f"the cohort has one center ({self.centers['dev']}) and no external center: nothing to test; "
+                "score another cohort with python -m ovcf.evaluate run=<run> cohort=<folder>"
+            )
+        return "test"
 
     def summary(self) -> str:
         """One line per split: rows, patients and labels, for the log."""
@@ -347,4 +362,8 @@ class CohortDataModule(L.LightningDataModule):
             center = self.centers["external" if name == "test" else "dev"]
             counts = f"{n_acute} acute, {len(ds) - n_acute} chronic"
             lines.append(f"{name:>5}: center {center}, {len(ds)} vertebrae of {patients} patients ({counts})")
-        return "\n".join(lines)
+        return "\n".join([*lines, *self.center_note()])
+
+    def center_note(self) -> list[str]:
+        """The log's note for a one-center cohort (no external center, so no test line); else none."""
+        return [] if self.centers["external"] is not None else [f" note: {one_center_note(self.centers['dev'])}"]

@@ -106,11 +106,16 @@ def _flow_section(totals: dict) -> list[str]:
 
 
 def _center_section(totals: dict) -> list[str]:
-    """Included rows per center and label, with a total line."""
+    """Included rows per center and label, with a total line; one center gets a line saying what it
+    allows instead (contract, "Splits"): a reader should not look for an external set."""
     centers = totals["included_by_center"]
     body = [[c, n["acute"], n["chronic"], _n_rows(n), n["patients"]] for c, n in centers.items()]
-    body.append(["Total", *(sum(row[i] for row in body) for i in range(1, 5))])
-    return ["## Included by center", "", *_table(["Center", "Acute", "Chronic", "Rows", "Patients"], body), ""]
+    note = []
+    if len(body) == 1:
+        note = [f"One center ({body[0][0]}): patient folds for internal validation only; no external test set.", ""]
+    else:
+        body.append(["Total", *(sum(row[i] for row in body) for i in range(1, 5))])
+    return ["## Included by center", "", *_table(["Center", "Acute", "Chronic", "Rows", "Patients"], body), "", *note]
 
 
 def _files_section(files: dict) -> list[str]:

@@ -109,22 +109,21 @@ class SegmentationDataModule(CohortDataModule):
         if self.datasets:
             return
         volumes = {name: VolumeDataset(self._volumes(rows), self.hparams.hu_window) for name, rows in self.split_rows().items()}
+        train = volumes.pop("train")
         self.datasets = {
-            "train": PatchDataset(volumes["train"], self.patch_size, self.samples_per_volume, self.foreground, self.hparams.seed),
-            "val": volumes["val"],
-            "test": volumes["test"],
+            "train": PatchDataset(train, self.patch_size, self.samples_per_volume, self.foreground, self.hparams.seed),
+            **volumes,  # val, and test unless the cohort has one center
         }
 
     def summary(self) -> str:
         """One line per split: scans (and training patches per epoch), for the log."""
         lines = []
-        for name in ("train", "val", "test"):
-            ds = self.datasets[name]
+        for name, ds in self.datasets.items():
             center = self.centers["external" if name == "test" else "dev"]
             scans = len(getattr(ds, "volumes", ds))
             extra = f", {len(ds)} patches of {self.patch_size} per epoch" if name == "train" else ""
             lines.append(f"{name:>5}: center {center}, {scans} scans{extra}")
-        return "\n".join(lines)
+        return "\n".join([*lines, *self.center_note()])
 
     def _volumes(self, rows: list[dict]) -> list[dict]:
         """Each patient's cached CT volume, labels and spacing, and the levels its rows name fractured."""

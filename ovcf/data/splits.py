@@ -2,6 +2,7 @@
 
 The unit of analysis is the vertebra but the unit of splitting is the patient, so that no
 patient's other fracture (same bone density, same scanner) leaks from training into validation.
+A cohort of one center (contract, "Splits") has patient folds and no external test set.
 """
 
 from __future__ import annotations
@@ -37,11 +38,21 @@ def patient_folds(labels: list[int], groups: list[str], n_folds: int, seed: int)
     return fold
 
 
-def cohort_splits(index: list[dict], dev: str, external: str, n_folds: int, seed: int) -> dict:
+def one_center_note(dev: str) -> str:
+    """What a run of a one-center cohort says in its log, `results.json` and evaluation: its figures
+    come from patient folds of that center, so no one reads them as external validation."""
+    return (
+        f"One center ({dev}) and no external center: these figures are internal validation on patient folds of {dev}, "
+        "not external validation"
+    )
+
+
+def cohort_splits(index: list[dict], dev: str, external: str | None, n_folds: int, seed: int) -> dict:
     """The k patient folds of the development center and the external test set, by pseudonym and row.
 
     What `splits.json` holds: enough to rebuild every part of every fold without the data, and
-    proof that the external center appears in no fold.
+    proof that the external center appears in no fold. `external` None (a one-center cohort):
+    `external_center` and `test` are null.
     """
     dev_rows = [r for r in index if r["included"] and r["center"] == dev]
     fold = patient_folds([LABELS.index(r["label"]) for r in dev_rows], [r["pseudonym"] for r in dev_rows], n_folds, seed)
@@ -49,8 +60,8 @@ def cohort_splits(index: list[dict], dev: str, external: str, n_folds: int, seed
     for f in range(n_folds):
         rows = [r for r, k in zip(dev_rows, fold) if k == f]
         parts.append({"fold": f, **_part(rows)})
-    test = [r for r in index if r["included"] and r["center"] == external]
-    return {"seed": seed, "n_folds": n_folds, "dev_center": dev, "external_center": external, "folds": parts, "test": _part(test)}
+    test = None if external is None else _part([r for r in index if r["included"] and r["center"] == external])
+    return {"seed": seed, "n_folds": n_folds, "dev_center": dev, "external_center": external, "folds": parts, "test": test}
 
 
 def _part(rows: list[dict]) -> dict:

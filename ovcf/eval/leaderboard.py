@@ -48,10 +48,11 @@ def rows(runs: list[dict], metric: str) -> list[dict]:
         if "val_sd" in r:  # cross-validation: mean and sd over folds
             row[f"val_{key}_sd"] = _number(r["val_sd"].get(key))
             row["folds"] = r["cv"]["folds"]
-        row[f"test_{key}"] = _number(r["test"].get(key))
+        test = r["test"] or {}  # None: a one-center cohort, no external test
+        row[f"test_{key}"] = _number(test.get(key))
         for name in REPORTED:
-            if name != key and name in r["test"]:
-                row[f"test_{name}"] = _number(r["test"][name])
+            if name != key and name in test:
+                row[f"test_{name}"] = _number(test[name])
         per_level = r.get("per_level_dice", {}).get("test")
         if per_level:
             row["test_dice_per_level"] = " ".join(f"{level}:{dice:.3f}" for level, dice in per_level.items())

@@ -2,7 +2,8 @@
 from elsewhere), with what a TRIPOD+AI or CLAIM reader looks for.
 
 Sections carry ids (`cohort`, `segmentation`, `classification`, `roc`, `confusion`, `calibration`,
-`gradcam`, `precision`, `methods`) so a browser test can check that each one rendered.
+`gradcam`, `precision`, `methods`) so a browser test can check that each one rendered. A one-center
+run's report (`external` null) shows its validation figures, headed as internal validation.
 """
 
 from __future__ import annotations
@@ -75,25 +76,31 @@ def _classification(report: dict) -> str:
     ]
     rows, best = [], None
     for i, (label, m) in enumerate(report["models"].items()):
-        t = m["test"]
+        t = m[report.get("scored", "test")]
         best = i if label == report["best"] else best
         rows.append(
             [html.escape(label), f"{t['n']} ({t['n_acute']})", _ci(t["auc"]), *(_ci(t[n], pct=True) for n in RATES)]
             + [f"{m['threshold']['value']:.3f}", f"{t['brier']:.3f}"]
         )
     ci = "Wilson score intervals" if report["ci"] == "wilson" else "a patient-level cluster bootstrap"
-    text = (
-        f"<p>External test, center {html.escape(report['external'])}. The best model ({html.escape(report['best'])}, "
-        f"highlighted) was chosen by {html.escape(report['selected_by'])}; the external center was never used to choose. "
-        f"AUC with a DeLong 95% CI; rates in % at the frozen threshold, with {ci}.</p>"
-    )
+    chosen = f"The best model ({html.escape(report['best'])}, highlighted) was chosen by {html.escape(report['selected_by'])}"
+    if report["external"] is None:
+        text = (
+            f"<p>{html.escape(report['note'])}. Out-of-fold validation predictions, with the threshold chosen on these "
+            f"same rows (optimistic rates). {chosen}. AUC with a DeLong 95% CI; rates in %, with {ci}.</p>"
+        )
+    else:
+        text = (
+            f"<p>External test, center {html.escape(report['external'])}. {chosen}; the external center was never used "
+            f"to choose. AUC with a DeLong 95% CI; rates in % at the frozen threshold, with {ci}.</p>"
+        )
     out = text + _table(header, rows, best)
     if report["comparisons"]:
         comp = [
             [html.escape(c["model"]), f"{c['auc_a']:.3f}", f"{c['auc_b']:.3f}", f"{-c['difference']:+.3f}", p_value(c["p"])]
             for c in report["comparisons"]
         ]
-        out += f"<p>Paired DeLong test against {html.escape(report['best'])} on the same external rows:</p>"
+        out += f"<p>Paired DeLong test against {html.escape(report['best'])} on the same rows:</p>"
         out += _table(["model", "AUC", "best's AUC", "best minus model", "p"], comp)
     return out
 
@@ -136,21 +143,30 @@ def _methods(report: dict, study: dict) -> str:
     splits = study.get("splits") or {}
     folds = splits.get("folds", [])
     dev_patients = sum(len(f["patients"]) for f in folds)
-    test = splits.get("test", {})
+    test = splits.get("test")
+    held_out = (
+        f"{len(test['patients'])} external patients ({test['acute']} acute, {test['chronic']} chronic fractures) used only "
+        "for this test."
+        if test
+        else "no external center in the training cohort (internal validation only)."
+    )
+    threshold = (
+        "chosen on the validation predictions it is reported on (no external center)."
+        if report["external"] is None
+        else "chosen on the development center's validation predictions and frozen before the external test."
+    )
     items = {
         "Data sources": f"Development center {html.escape(str(splits.get('dev_center', '?')))}, external center "
-        f"{html.escape(report['external'])}, in the ovcf cohort format "
+        f"{html.escape(str(report['external'] or 'none (internal validation only)'))}, in the ovcf cohort format "
         "(CT DICOM series, vertebral masks, one row per fractured vertebra).",
         "Reference standard": "Acute vs chronic from MRI bone-marrow oedema within 14 days of the CT "
         "(the cohort's label column).",
         "Eligibility": "Patients over 50 with an osteoporotic compression fracture; infection, tumour, cement or metal, "
         "and unusable images excluded at ingest (see the flow diagram).",
         "Splits": f"By patient, never by vertebra: {dev_patients} development patients in {len(folds)} folds "
-        f"(seed {splits.get('seed', '?')}); {len(test.get('patients', []))} external patients "
-        f"({test.get('acute', '?')} acute, {test.get('chronic', '?')} chronic fractures) used only for this test.",
+        f"(seed {splits.get('seed', '?')}); {held_out}",
         "Model selection": html.escape(report["selected_by"]),
-        "Threshold": f"{html.escape(report['threshold_rule'])}, chosen on the development center's validation predictions "
-        "and frozen before the external test.",
+        "Threshold": f"{html.escape(report['threshold_rule'])}, {threshold}",
         "Statistics": "AUC with DeLong 95% CI; paired DeLong test between models; sensitivity, specificity, accuracy, "
         f"PPV and NPV with {'Wilson' if report['ci'] == 'wilson' else 'patient-cluster bootstrap'} 95% CIs; "
         "Brier score and calibration.",
@@ -163,14 +179,21 @@ def _methods(report: dict, study: dict) -> str:
 def write_report(out: Path, report: dict, study: dict | None = None, segmentation: Path | None = None) -> Path:
     """Writes `out/report.html` from an evaluation folder (metrics.json's content and its figures)."""
     study = study or {}
-    best = report["models"][report["best"]]["test"]
+    external = report.get("scored", "test") == "test"
+    best = report["models"][report["best"]]["test" if external else "val"]
+    # a one-center run reports its validation rows: no heading may call them external
+    title, outcome, rows = (
+        ("external validation", "external", "external")
+        if external
+        else ("internal validation", "internal validation", "validation")
+    )
     p = report["precision"]
     confusion = "".join(_img(q, q.stem) for q in sorted(out.glob("confusion_*.png")))
     flow = _img(out / "flow.png", "cohort flow") if (out / "flow.png").is_file() else "<p class=note>No flow diagram found.</p>"
     sections = {
         "cohort": ("Cohort flow", f"<div class=fig>{flow}</div>"),
         "segmentation": ("Segmentation", _segmentation(segmentation)),
-        "classification": ("Classification: external validation", _classification(report)),
+        "classification": (f"Classification: {title}", _classification(report)),
         "roc": ("ROC curves", f"<div class=fig>{_img(out / 'roc.png', 'ROC curves')}</div>"),
         "confusion": ("Confusion matrices", f"<div class=grid>{confusion}</div>"),
         "calibration": ("Calibration", f"<div class=fig>{_img(out / 'calibration.png', 'calibration')}</div>"),
@@ -178,7 +201,7 @@ def write_report(out: Path, report: dict, study: dict | None = None, segmentatio
         "precision": (
             "Sample size and precision",
             f"<p>The protocol planned {p['planned']['acute']} acute + {p['planned']['chronic']} chronic fractures "
-            f"(Buderer 1996) for a CI half-width of {p['planned']['error']:.3f}. This external set ({p['acute']} acute, "
+            f"(Buderer 1996) for a CI half-width of {p['planned']['error']:.3f}. This {rows} set ({p['acute']} acute, "
             f"{p['chronic']} chronic) affords half-widths of {p['sensitivity_half_width']:.3f} (sensitivity) and "
             f"{p['specificity_half_width']:.3f} (specificity) for the best model.</p>",
         ),
@@ -186,7 +209,7 @@ def write_report(out: Path, report: dict, study: dict | None = None, segmentatio
     }
     body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in sections.items())
     headline = (
-        f"<p><b>Primary outcome:</b> external AUC {_ci(best['auc'])} for {html.escape(report['best'])}; "
+        f"<p><b>Primary outcome:</b> {outcome} AUC {_ci(best['auc'])} for {html.escape(report['best'])}; "
         f"sensitivity {_ci(best['sensitivity'], True)}%, specificity {_ci(best['specificity'], True)}%.</p>"
     )
     page = (

@@ -32,17 +32,18 @@ def case_media(prefix: str, ids: list[str], labels, probs, threshold: float) -> 
     return media
 
 
-def metric_table(models: dict) -> dict:
-    """One row per model: AUC with CI and the rates with CIs (external test)."""
+def metric_table(models: dict, key: str = "test", prefix: str = "external") -> dict:
+    """One row per model: AUC with CI and the rates with CIs of its `key` metrics (the external test;
+    "val" for a one-center run), logged as `<prefix>/metrics`."""
     import wandb
 
     names = ("auc", "sensitivity", "specificity", "accuracy", "ppv", "npv")
     columns = ["model", "n", "threshold"] + [f"{n}{s}" for n in names for s in ("", "_low", "_high")]
     rows = []
     for label, m in models.items():
-        t = m["test"]
+        t = m[key]
         rows.append([label, t["n"], t["threshold"]] + [t[n][k] for n in names for k in ("value", "low", "high")])
-    return {"external/metrics": wandb.Table(columns=columns, data=rows)}
+    return {f"{prefix}/metrics": wandb.Table(columns=columns, data=rows)}
 
 
 def images(prefix: str, paths: list[Path]) -> dict:

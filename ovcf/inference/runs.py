@@ -4,7 +4,8 @@ A run is a `python -m ovcf.train` folder: one model (`results.json` names its be
 a cross-validation run (`fold_<k>/`, one model per fold, and `refit/` with `cv.test=refit`).
 Validation predictions come from each model on its own validation fold (out of fold), so the
 threshold is chosen on the development center only; the external rows are scored by every fold
-model and averaged (the fold ensemble), or by the refit model.
+model and averaged (the fold ensemble), or by the refit model. A run on a one-center cohort has no
+external rows: only its validation records, unless another cohort is given to score.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def run_predictions(
 ) -> dict:
     """{"val": records, "test": records, "external": center or cohort, "cache": Path, "tasks": the
     test models, "dataset": the external samples}: validation records of every fold (out of fold) and
-    the external records scored by the test model(s) (their mean; see `run_members`)."""
+    the external records scored by the test model(s) (their mean; see `run_members`).
+
+    A run on a one-center cohort, with no `cohort` given: "test" is empty and "external" and
+    "dataset" are None (there is nothing external to score)."""
     val, test_probs, test_rows, test_labels, external, cache, tasks = [], [], None, None, None, None, []
     validators = run_members(Path(run), "val")
     testers = run_members(Path(run), "test")
@@ -113,6 +117,9 @@ def run_predictions(
         if (fold, ckpt) not in testers:
             continue
         tasks.append(task)
+        if cohort is None and dm.centers["external"] is None:
+            cache = dm.cache  # one center: validation records only
+            continue
         if cohort is None:
             ds, external, cache = dm.datasets["test"], dm.centers["external"], dm.cache
         else:
@@ -126,6 +133,8 @@ def run_predictions(
         elif [r["row"] for r in ds.rows] != [r["row"] for r in test_rows]:
             raise ConfigError(f"the fold models of {run} see different external rows: were they trained on the same cohort?")
         test_probs.append(probs)
+    if not test_probs:
+        return {"val": val, "test": [], "external": None, "cache": cache, "tasks": tasks, "dataset": None}
     fold = "ensemble" if len(test_probs) > 1 else testers[0][0] or (val[0]["fold"] if val else "0")
     mean = torch.stack(test_probs).mean(0)
     test = _records(test_rows, test_labels, mean, "test", fold)

@@ -6,6 +6,10 @@ external rows are scored once at that threshold, and the results go to one folde
 predictions, ROC / confusion / calibration figures, a Grad-CAM gallery per model, the cohort flow,
 `report.html` and an offline W&B run. The best model of a sweep is the one with the highest
 validation AUROC (the leaderboard's rule); the others are compared with it by the paired DeLong test.
+
+A run on a one-center cohort has no external center: without `cohort`, the same files report its
+out-of-fold validation predictions instead (`"external": null`, `"scored": "val"`, a `note`), headed
+as internal validation, without Grad-CAM.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from ovcf.data.atomic import write_json, write_text
+from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError
 from ovcf.eval import figures, wandb_media
 from ovcf.eval import metrics as M
@@ -49,13 +54,13 @@ def evaluate(
     for label, folder, _ in runs:
         print(f"Scoring {label} ({folder})")
         preds = run_predictions(folder, cohort, predicted_masks, device, batch_size, workers, progress)
-        if external is not None and preds["external"] != external:
+        if models and preds["external"] != external:
             raise ConfigError(f"{folder} was tested on {preds['external']}, the others on {external}: evaluate them apart")
         external, cache = preds["external"], preds["cache"]
         models[label] = evaluate_predictions(preds["val"], preds["test"], scoring)
         models[label]["run"] = str(folder)
-        scored[label] = preds["test"]
-        if gradcam_cases:
+        scored[label] = preds["val"] if external is None else preds["test"]  # one center: validation is all there is
+        if gradcam_cases and preds["dataset"] is not None:
             _, probs, _ = arrays(preds["test"])
             threshold = models[label]["threshold"]["value"]
             print(f"Grad-CAM gallery of {label}")
@@ -64,18 +69,23 @@ def evaluate(
             )
         records += [{"model": label, **r} for r in preds["val"] + preds["test"]]
     best = runs[0][0]
+    key = "test" if external is not None else "val"  # the rows the tables and figures report
+    dev = (runs[0][2].get("centers") or {}).get("dev")
     comparisons = []
     ids = [(r["pseudonym"], r["level"]) for r in scored[best]]
     for label in list(models)[1:]:
         if [(r["pseudonym"], r["level"]) for r in scored[label]] != ids:
-            raise ConfigError(f"{label} and {best} were scored on different external rows: no paired test")
+            raise ConfigError(f"{label} and {best} were scored on different rows: no paired test; evaluate them apart")
         y, p_other, _ = arrays(scored[label])
         _, p_best, _ = arrays(scored[best])
         comparisons.append({"model": label, "against": best, **M.delong_test(y, p_other, p_best)})
     planned = M.buderer_sample_size(**(planned or {}))
-    t = models[best]["test"]
+    t = models[best][key]
     report = {
-        "external": str(external),
+        "external": None if external is None else str(external),
+        "dev_center": dev,
+        "scored": key,
+        **({} if external is not None else {"note": one_center_note(dev)}),
         "threshold_rule": scoring.rule if scoring.rule != "sensitivity" else f"sensitivity >= {scoring.sensitivity}",
         "ci": scoring.ci,
         "alpha": scoring.alpha,
@@ -98,14 +108,17 @@ def evaluate(
     curves = []
     for label, m in models.items():
         y, p, _ = arrays(scored[label])
-        r = m["test"]
+        r = m[key]
         point = (1 - r["specificity"]["value"], r["sensitivity"]["value"])
         curves.append(
             {"label": label, "labels": y, "scores": p, "auc": r["auc"], "point": point, "calibration": m["calibration"]}
         )
         figures.confusion_figure(r["confusion"], out / f"confusion_{slug(label)}.png", f"{label}\nthreshold {r['threshold']:.3f}")
-    figures.roc_figure(curves, out / "roc.png", f"External test: {external}")
-    figures.calibration_figure(curves, out / "calibration.png")
+    titles = (f"External test: {external}", "Calibration, external test")
+    if external is None:
+        titles = (f"Internal validation: center {dev} (no external center)", "Calibration, internal validation")
+    figures.roc_figure(curves, out / "roc.png", titles[0])
+    figures.calibration_figure(curves, out / "calibration.png", titles[1])
     if cache is not None and (Path(cache) / "flow.png").is_file():
         shutil.copy(Path(cache) / "flow.png", out / "flow.png")  # the cohort flow diagram of the scored cohort
     best_run = runs[0][1]
@@ -121,17 +134,20 @@ def evaluate(
 
 
 def log_wandb(out: Path, report: dict, scored: dict[str, list[dict]], mode: str) -> None:
-    """One W&B run (offline by default) with every model's ROC, confusion matrix, cases and Grad-CAM."""
+    """One W&B run (offline by default) with every model's ROC, confusion matrix, cases and Grad-CAM
+    (under `validation/` instead of `external/` for a one-center run)."""
     import wandb  # slow to import: only when W&B is on
 
     run = wandb.init(project="ovcf", job_type="evaluate", name=f"evaluate-{report['best']}", dir=str(out), mode=mode)
-    media = wandb_media.metric_table(report["models"])
-    media |= wandb_media.images("external", [out / "roc.png", out / "calibration.png"])
+    key = report["scored"]
+    prefix = "external" if key == "test" else "validation"  # one center: internal validation, not external
+    media = wandb_media.metric_table(report["models"], key, prefix)
+    media |= wandb_media.images(prefix, [out / "roc.png", out / "calibration.png"])
     for label, m in report["models"].items():
         y, p, _ = arrays(scored[label])
         ids = [f"{r['pseudonym']}:{r['level']}" for r in scored[label]]
-        media |= wandb_media.case_media(f"external/{slug(label)}", ids, y, p, m["threshold"]["value"])
-        media |= wandb_media.images(f"external/{slug(label)}", sorted((out / "gradcam" / slug(label)).glob("*.png")))
+        media |= wandb_media.case_media(f"{prefix}/{slug(label)}", ids, y, p, m["threshold"]["value"])
+        media |= wandb_media.images(f"{prefix}/{slug(label)}", sorted((out / "gradcam" / slug(label)).glob("*.png")))
     run.log(media)
-    run.summary.update({f"external/{slug(label)}/auc": m["test"]["auc"]["value"] for label, m in report["models"].items()})
+    run.summary.update({f"{prefix}/{slug(label)}/auc": m[key]["auc"]["value"] for label, m in report["models"].items()})
     run.finish()

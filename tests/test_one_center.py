@@ -55,7 +55,7 @@ def _n_rows(cohort: Path) -> int:
 
 def _datamodule(cohort: Path, cache: Path, **kwargs) -> CohortDataModule:
     settings = dict(roi_size=24, roi_spacing=2.0, hu_window=(-250, 1250), ingest_workers=1, progress=False)
-    return CohortDataModule(cohort=str(cohort), cache_dir=str(cache), key_file=str(cache / "key"), **settings | kwargs)
+    return CohortDataModule(cohort=str(cohort), cache_dir=str(cache), key_file=str(cache.parent / "key"), **settings | kwargs)
 
 
 def test_one_center_gives_patient_folds_and_no_external_set(one_center, shared_cache):
@@ -103,7 +103,7 @@ def _train(cohort: Path, out: Path, cache: Path, *extra: str) -> dict:
         "debug=smoke",
         f"data.cohort={cohort}",
         f"data.cache_dir={cache}",
-        f"data.key_file={cache / 'key'}",
+        f"data.key_file={cache.parent / 'key'}",
         "data.roi_size=32",
         "data.val_fraction=0.5",
         "data.progress=false",
@@ -182,7 +182,7 @@ def test_segmentation_data_on_one_center(one_center, shared_cache):
         patch_size=(16, 16, 16),
         cohort=str(one_center),
         cache_dir=str(shared_cache),
-        key_file=str(shared_cache / "key"),
+        key_file=str(shared_cache.parent / "key"),
         volume_spacing=4.0,
         val_fraction=0.5,
         **common,

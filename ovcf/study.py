@@ -168,10 +168,11 @@ def study(cfg: DictConfig) -> Path:
             shutil.copy(folder / "evaluation" / "report.html", folder / "report.html")
             metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
             best = metrics["models"][metrics["best"]]  # evaluate chooses by validation AUROC too
-            chosen["classifier"]["external"] = {
-                "auc": best["test"]["auc"]["value"],
+            scored = best[metrics.get("scored", "test")]  # one center: the out-of-fold validation rows
+            chosen["classifier"]["external" if metrics.get("external") else "internal"] = {
+                "auc": scored["auc"]["value"],
                 "threshold": best["threshold"]["value"],
-                **{k: best["test"][k]["value"] for k in ("sensitivity", "specificity")},
+                **{k: scored[k]["value"] for k in ("sensitivity", "specificity")},
             }
         manifest.data["stages"][stage] = {"status": "done", "seconds": round(time.time() - start, 1)}
         manifest.save()

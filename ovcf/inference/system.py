@@ -194,6 +194,12 @@ def export_system(
     return out
 
 
+def _centers_words(centers: dict) -> str:
+    if centers.get("external") is None:
+        return f"one center ({centers.get('dev')}): internal validation only, no external center"
+    return f"development center {centers.get('dev')}, external center {centers.get('external')}"
+
+
 def _roi_words(pre: dict) -> str:
     if pre.get("roi_margin") is None:
         return f"{pre['roi_spacing']:g} mm"
@@ -225,8 +231,8 @@ def _metadata(version, results, seg_task, pre, threshold, chosen, hp, n_members)
         ),
         "authors": "ovcf",
         "copyright": "Copyright (c) the ovcf authors",
-        "data_source": f"cohort {'synthetic (ovcf.synth)' if hp.get('synthetic') else hp.get('cohort')}; development center "
-        f"{(results.get('centers') or {}).get('dev')}, external center {(results.get('centers') or {}).get('external')}",
+        "data_source": f"cohort {'synthetic (ovcf.synth)' if hp.get('synthetic') else hp.get('cohort')}; "
+        + _centers_words(results.get("centers") or {}),
         "data_type": "dicom",
         "image_classes": "CT in Hounsfield units, windowed to [0, 1]",
         "label_classes": "0 chronic, 1 acute (bone-marrow oedema on MRI)",

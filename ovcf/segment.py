@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
+from ovcf.atomic import write_csv, write_json
 from ovcf.cli import device, hydra_main, resolve_cohort
 from ovcf.contract import LEVEL_IDS
-from ovcf.data.atomic import write_csv, write_json
 from ovcf.data.ct import IngestChecks, read_ct
 from ovcf.data.ingest import read_index
 from ovcf.data.volume import load_nifti, mask_on_ct

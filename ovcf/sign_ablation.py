@@ -16,8 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ovcf.atomic import write_csv, write_text
 from ovcf.cli import device, hydra_main
-from ovcf.data.atomic import write_csv, write_text
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
 from ovcf.inference.models import load_classifier, score

@@ -26,8 +26,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ovcf.atomic import write_json
 from ovcf.cli import hydra_main
-from ovcf.data.atomic import write_json
 from ovcf.errors import ConfigError, OvcfError
 from ovcf.eval.leaderboard import collect, rows
 from ovcf.eval.report import versions

@@ -22,8 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ovcf.atomic import write_json
 from ovcf.cli import hydra_main, resolve_cohort
-from ovcf.data.atomic import write_json
 from ovcf.data.ingest import cache_fingerprint
 from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError

@@ -38,7 +38,7 @@ WRITERS = {"write_text", "write_bytes", "save_as", "to_csv"}  # methods that wri
 def direct_writes(source: str) -> list[int]:
     """Lines of `source` that write a file in place: `open` in a text write mode, `json.dump`, `.write_text` and the like.
 
-    Binary writers handed to `ovcf.data.atomic.write_atomic` as callbacks (`open(tmp, "wb")`) are not counted.
+    Binary writers handed to `ovcf.atomic.write_atomic` as callbacks (`open(tmp, "wb")`) are not counted.
     """
     lines = []
     for node in ast.walk(ast.parse(source)):
@@ -80,7 +80,7 @@ def test_the_static_check_finds_direct_writes():
 @pytest.mark.parametrize("module", OUTPUT_MODULES)
 def test_output_modules_write_only_through_atomic(module):
     found = direct_writes((ROOT / module).read_text())
-    assert found == [], f"{module}: direct writes on lines {found}; use ovcf.data.atomic (write_text, write_json, write_csv)"
+    assert found == [], f"{module}: direct writes on lines {found}; use ovcf.atomic (write_text, write_json, write_csv)"
 
 
 class Unprintable:
@@ -114,7 +114,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, write):
 
 
 def test_write_helpers_replace_files_whole(tmp_path):
-    from ovcf.data.atomic import write_csv, write_json, write_text
+    from ovcf.atomic import write_csv, write_json, write_text
 
     write_text(tmp_path / "a.md", "# ä\n")
     write_json(tmp_path / "a.json", {"x": [1]}, indent=2)

@@ -12,8 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ovcf.atomic import write_atomic
 from ovcf.contract import DATA_PROBLEM_CODES, EXCLUSION_CODES, LABELS
-from ovcf.data.atomic import write_atomic
 
 PROTOCOL_ORDER = (*EXCLUSION_CODES, *DATA_PROBLEM_CODES)
 UNSPECIFIED = "unspecified"  # an excluded row that carries no reason still has to be counted somewhere

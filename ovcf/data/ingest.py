@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ovcf.atomic import write_atomic, write_csv, write_json
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
-from ovcf.data.atomic import write_atomic, write_csv, write_json
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import FILE_KINDS, find_files

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from ovcf.atomic import write_json
 from ovcf.contract import LABELS
-from ovcf.data.atomic import write_json
 from ovcf.errors import CohortError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ovcf.data.atomic import write_csv, write_text
+from ovcf.atomic import write_csv, write_text
 
 
 def collect(sweep_dir: Path) -> list[dict]:

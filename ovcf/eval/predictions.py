@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovcf.data.atomic import write_csv
+from ovcf.atomic import write_csv
 
 COLUMNS = ("pseudonym", "level", "set", "label", "probability", "fold")
 

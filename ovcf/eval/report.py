@@ -17,7 +17,7 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-from ovcf.data.atomic import write_text
+from ovcf.atomic import write_text
 from ovcf.eval.figures import slug
 from ovcf.eval.metrics import RATES, ci_text, p_value
 

@@ -24,8 +24,8 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from ovcf.atomic import write_atomic, write_csv, write_json
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
-from ovcf.data.atomic import write_atomic, write_csv, write_json
 from ovcf.data.ct import Case, check_level, load_case, slice_problem
 from ovcf.data.datamodule import VertebraDataset
 from ovcf.data.heights import level_heights

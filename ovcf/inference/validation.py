@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ovcf.data.atomic import write_json, write_text
+from ovcf.atomic import write_json, write_text
 from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError
 from ovcf.eval import figures, wandb_media

@@ -17,9 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ovcf.contract import LEVEL_IDS
+from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.dicom import find_files, read_header
-from ovcf.data.quality import QualityChecks, implant_ml, locate_level, noise_hu
+from ovcf.data.quality import (
+    QualityChecks,
+    cortex_hu,
+    doubling,
+    implant_measures,
+    implant_note,
+    is_implant,
+    locate_level,
+    noise_hu,
+    streak_hu,
+)
 from ovcf.data.roi import RoiSpec, check_box, cut_roi
 from ovcf.data.series import Series, SeriesChecks, SeriesError, ct_candidates, group_series, load_series
 from ovcf.data.volume import Volume, load_nifti, mask_on_ct
@@ -322,10 +332,26 @@ class LevelCheck:
         return image, mask
 
 
-def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, quality: QualityChecks) -> LevelCheck:
-    """Field of view, cement or metal, noise and slice distance of `level` on the canonical CT `volume`.
+def implant_levels(volume: Volume, by_id: dict[int, np.ndarray], cortex: float | None, quality: QualityChecks) -> list[str]:
+    """The levels of the mask with cement or metal in or next to their body, cranial first.
 
-    A mask that cannot locate any level (`mask_problem`) gives `mask_mismatch` and no centre.
+    Metal far from the spine (a hip prosthesis in an abdominal CT) is no level's and excludes nothing.
+    """
+    found = []
+    for name in LEVEL_ORDER:
+        voxels = by_id.get(LEVEL_IDS[name])
+        if voxels is not None and is_implant(implant_measures(volume, voxels, cortex, quality), quality):
+            found.append(name)
+    return found
+
+
+def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, quality: QualityChecks) -> LevelCheck:
+    """Field of view, cement or metal, noise, motion, streaks and slice distance of `level` on the canonical CT `volume`.
+
+    A mask that cannot locate any level (`mask_problem`) gives `mask_mismatch` and no centre. With
+    `quality.implant_scope` "patient", cement or metal at any level of the mask excludes the level
+    too (the protocol's "presence of foreign materials" is the patient's), with a note naming where
+    it was found. Streaks are not counted against a level that holds metal: they are its.
     """
     check = LevelCheck(level)
     problem = mask_problem(by_id)
@@ -339,12 +365,30 @@ def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, qualit
     if check.voxels is None:  # in view, but the mask lacks it: ROI centred on the estimate
         check.flag("level_mask_missing", f"level {level} is in view but not in the mask; ROI centred on its estimated position")
     box = check_box(check.voxels, check.centre, volume)
-    dense, noise = implant_ml(volume, box, quality), noise_hu(volume, box, quality)
-    check.qc = {"implant_ml": round(dense, 3), "noise_hu": round(noise, 1), "slice_mm": round(float(volume.spacing.max()), 2)}
-    if dense >= quality.implant_min_ml:
-        check.add("implant", f"{dense:.2f} ml above {quality.implant_hu:g} HU in or next to {level} (cement or metal)")
+    cortex = cortex_hu(volume, by_id)
+    implant = implant_measures(volume, box, cortex, quality, in_body=check.voxels is not None)
+    noise, ghost, streaks = noise_hu(volume, box, quality), doubling(volume, box, quality), streak_hu(volume, box, quality)
+    check.qc = {
+        **implant,
+        "noise_hu": round(noise, 1),
+        "doubling": round(ghost, 3),
+        "streak_hu": round(streaks, 1),
+        "slice_mm": round(float(volume.spacing.max()), 2),
+    }
+    if is_implant(implant, quality):
+        check.add("implant", implant_note(implant, level, quality))
+    elif quality.implant_scope == "patient":
+        found = implant_levels(volume, by_id, cortex, quality)
+        check.qc["implant_levels"] = found
+        if found:
+            check.add("implant", f"cement or metal at {', '.join(found)} of this patient (ingest.quality.implant_scope=patient)")
     if noise > quality.max_noise_hu:
         check.add("image_quality", f"soft-tissue noise {noise:.0f} HU exceeds {quality.max_noise_hu:g} HU")
+    if ghost > quality.max_doubling:
+        check.add("image_quality", f"edges doubled a few mm away (motion): score {ghost:.2f} exceeds {quality.max_doubling:g}")
+    if streaks > quality.max_streak_hu and "implant" not in check.reasons:
+        note = f"streaks of {streaks:.0f} HU across the soft tissue exceed {quality.max_streak_hu:g} HU (motion or metal)"
+        check.add("image_quality", note)
     problem = slice_problem(volume, quality)
     if problem:
         check.add("image_quality", problem)

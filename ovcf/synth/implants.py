@@ -20,16 +20,22 @@ SCREW_RADIUS_MM = 3.0
 ROD_RADIUS_MM = 2.75
 
 
-def add_cement(ideal: np.ndarray, labels: np.ndarray, grid: Grid, levels: list[str]) -> None:
-    """Vertebroplasty: a cement cast inside each fractured body."""
+def add_cement(
+    ideal: np.ndarray, labels: np.ndarray, grid: Grid, levels: list[str], radius_mm: float = 8.0, hu: float = CEMENT_HU
+) -> None:
+    """Vertebroplasty: a cement cast inside each fractured body.
+
+    A smaller or fainter cast (`radius_mm`, `hu`: less barium, cement mixed with trabecular bone)
+    reads below an absolute cement threshold once a soft kernel and thick slices smooth it.
+    """
     xx, yy, zz = np.meshgrid(grid.x, grid.y, grid.z, indexing="ij")
     for level in levels:
         body = labels == LEVEL_IDS[level]
         if not body.any():
             continue
         c = [a[body].mean() for a in (xx, yy, zz)]
-        blob = body & ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * 1.5) ** 2 < 8.0**2)
-        ideal[blob] = CEMENT_HU
+        blob = body & ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + ((zz - c[2]) * 1.5) ** 2 < radius_mm**2)
+        ideal[blob] = hu
 
 
 def _segment(ideal: np.ndarray, grid: Grid, p0: np.ndarray, p1: np.ndarray, radius: float, value: float) -> None:

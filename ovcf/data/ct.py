@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -345,14 +346,34 @@ def implant_levels(volume: Volume, by_id: dict[int, np.ndarray], cortex: float |
     return found
 
 
-def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, quality: QualityChecks) -> LevelCheck:
+class SpineQc:
+    """What every level of one scan shares, measured once per patient however many levels are checked:
+    the scan's cortical bone and the levels holding cement or metal."""
+
+    def __init__(self, volume: Volume, by_id: dict[int, np.ndarray], quality: QualityChecks):
+        self.volume, self.by_id, self.quality = volume, by_id, quality
+
+    @cached_property
+    def cortex(self) -> float | None:
+        return cortex_hu(self.volume, self.by_id)
+
+    @cached_property
+    def implant_levels(self) -> list[str]:
+        return implant_levels(self.volume, self.by_id, self.cortex, self.quality)
+
+
+def check_level(
+    volume: Volume, by_id: dict[int, np.ndarray], level: str, quality: QualityChecks, spine: SpineQc | None = None
+) -> LevelCheck:
     """Field of view, cement or metal, noise, motion, streaks and slice distance of `level` on the canonical CT `volume`.
 
     A mask that cannot locate any level (`mask_problem`) gives `mask_mismatch` and no centre. With
     `quality.implant_scope` "patient", cement or metal at any level of the mask excludes the level
     too (the protocol's "presence of foreign materials" is the patient's), with a note naming where
-    it was found. Streaks are not counted against a level that holds metal: they are its.
+    it was found. Streaks are not counted against a level that holds metal: they are its. Pass one
+    `spine` for all the levels of a scan so its shared measures are made once.
     """
+    spine = spine or SpineQc(volume, by_id, quality)
     check = LevelCheck(level)
     problem = mask_problem(by_id)
     if problem:
@@ -365,8 +386,7 @@ def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, qualit
     if check.voxels is None:  # in view, but the mask lacks it: ROI centred on the estimate
         check.flag("level_mask_missing", f"level {level} is in view but not in the mask; ROI centred on its estimated position")
     box = check_box(check.voxels, check.centre, volume)
-    cortex = cortex_hu(volume, by_id)
-    implant = implant_measures(volume, box, cortex, quality, in_body=check.voxels is not None)
+    implant = implant_measures(volume, box, spine.cortex, quality, in_body=check.voxels is not None)
     noise, ghost, streaks = noise_hu(volume, box, quality), doubling(volume, box, quality), streak_hu(volume, box, quality)
     check.qc = {
         **implant,
@@ -378,7 +398,7 @@ def check_level(volume: Volume, by_id: dict[int, np.ndarray], level: str, qualit
     if is_implant(implant, quality):
         check.add("implant", implant_note(implant, level, quality))
     elif quality.implant_scope == "patient":
-        found = implant_levels(volume, by_id, cortex, quality)
+        found = spine.implant_levels
         check.qc["implant_levels"] = found
         if found:
             check.add("implant", f"cement or metal at {', '.join(found)} of this patient (ingest.quality.implant_scope=patient)")

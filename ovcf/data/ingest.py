@@ -24,7 +24,7 @@ import numpy as np
 from ovcf.atomic import write_atomic, write_csv, write_json
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
-from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, check_level, choose_ct, scan_folder
+from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, SpineQc, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import FILE_KINDS, find_files
 from ovcf.data.flow import write_flow
 from ovcf.data.pseudonym import load_key, pseudonym
@@ -162,8 +162,9 @@ def _work(p: _Patient) -> None:
         return
 
     by_id = level_voxels(labels)
+    spine = SpineQc(volume, by_id, checks.quality)
     for r in p.rows:
-        check = check_level(volume, by_id, r.level, checks.quality)
+        check = check_level(volume, by_id, r.level, checks.quality, spine)
         for reason in check.reasons:
             p.add(r.row, reason)
         for flag in check.flags:

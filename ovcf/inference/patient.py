@@ -26,7 +26,7 @@ from pydicom.sr.codedict import codes
 
 from ovcf.atomic import write_atomic, write_csv, write_json
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
-from ovcf.data.ct import Case, check_level, load_case, slice_problem
+from ovcf.data.ct import Case, SpineQc, check_level, load_case, slice_problem
 from ovcf.data.datamodule import VertebraDataset
 from ovcf.data.heights import level_heights
 from ovcf.data.pseudonym import pseudonym
@@ -53,9 +53,9 @@ def choose_levels(levels, heights: dict[str, dict]) -> list[str]:
     return sorted(dict.fromkeys(picked), key=LEVEL_ORDER.index)
 
 
-def _level(volume: Volume, by_id: dict, level: str, system: System) -> tuple[dict, tuple | None]:
+def _level(volume: Volume, by_id: dict, level: str, system: System, spine: SpineQc) -> tuple[dict, tuple | None]:
     """The protocol checks of one level (as ingest checks a cohort row) and, when nothing excludes it, its ROI."""
-    check = check_level(volume, by_id, level, system.checks.quality)
+    check = check_level(volume, by_id, level, system.checks.quality, spine)
     if check.centre is None:
         return {"status": "not_in_fov", "note": check.notes[0]}, None
     entry = {"status": "excluded" if check.reasons else "classified", "excluded": check.reasons, "flags": check.flags}
@@ -101,7 +101,8 @@ def predict_patient(
     heights = level_heights(labels, volume.spacing)
     chosen = choose_levels(levels, heights)
     by_id = level_voxels(labels)
-    checked = {lv: _level(volume, by_id, lv, system) for lv in chosen}
+    spine = SpineQc(volume, by_id, system.checks.quality)
+    checked = {lv: _level(volume, by_id, lv, system, spine) for lv in chosen}
     ready = {lv: roi for lv, (_, roi) in checked.items() if roi is not None}
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)

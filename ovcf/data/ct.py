@@ -333,25 +333,16 @@ class LevelCheck:
         return image, mask
 
 
-def implant_levels(volume: Volume, by_id: dict[int, np.ndarray], cortex: float | None, quality: QualityChecks) -> list[str]:
-    """The levels of the mask with cement or metal in or next to their body, cranial first.
-
-    Metal far from the spine (a hip prosthesis in an abdominal CT) is no level's and excludes nothing.
-    """
-    found = []
-    for name in LEVEL_ORDER:
-        voxels = by_id.get(LEVEL_IDS[name])
-        if voxels is not None and is_implant(implant_measures(volume, voxels, cortex, quality), quality):
-            found.append(name)
-    return found
-
-
 class SpineQc:
     """What every level of one scan shares, measured once per patient however many levels are checked:
-    the scan's cortical bone and the levels holding cement or metal."""
+    whether the mask can locate levels at all, the scan's cortical bone and the levels holding cement or metal."""
 
     def __init__(self, volume: Volume, by_id: dict[int, np.ndarray], quality: QualityChecks):
         self.volume, self.by_id, self.quality = volume, by_id, quality
+
+    @cached_property
+    def mask_problem(self) -> str | None:
+        return mask_problem(self.by_id)
 
     @cached_property
     def cortex(self) -> float | None:
@@ -359,7 +350,16 @@ class SpineQc:
 
     @cached_property
     def implant_levels(self) -> list[str]:
-        return implant_levels(self.volume, self.by_id, self.cortex, self.quality)
+        """The mask's levels with cement or metal in or next to their body, cranial first.
+
+        Metal far from the spine (a hip prosthesis in an abdominal CT) is no level's and excludes nothing.
+        """
+        found = []
+        for name in LEVEL_ORDER:
+            voxels = self.by_id.get(LEVEL_IDS[name])
+            if voxels is not None and is_implant(implant_measures(self.volume, voxels, self.cortex, self.quality), self.quality):
+                found.append(name)
+        return found
 
 
 def check_level(
@@ -375,9 +375,8 @@ def check_level(
     """
     spine = spine or SpineQc(volume, by_id, quality)
     check = LevelCheck(level)
-    problem = mask_problem(by_id)
-    if problem:
-        check.add("mask_mismatch", problem)
+    if spine.mask_problem:
+        check.add("mask_mismatch", spine.mask_problem)
         return check
     check.voxels, check.centre = locate_level(by_id, volume, level)
     if check.centre is None:

@@ -55,20 +55,21 @@ def check_cohort(cohort: Path) -> Path:
     return cohort
 
 
-def _fingerprint(cohort: Path, settings: str) -> str:
+def _fingerprint(cohort: Path, settings: str) -> tuple[str, int]:
     """Cheap staleness test: changes whenever any input file's size or mtime, or a setting, changes.
 
-    Broken links are skipped (they have no size), but how many there are is hashed: the flow report counts them.
+    Broken links are skipped (they have no size), but how many there are is hashed: the flow report
+    counts them. Returns the digest and the broken links under `masks/` (the scan counts `dicom/`'s).
     """
-    h = hashlib.sha256(settings.encode())
+    h, skipped = hashlib.sha256(settings.encode()), {}
     h.update((cohort / CLINICAL_CSV).read_bytes())
     for sub in (DICOM_DIR, MASKS_DIR):
-        files, skipped = find_files(cohort / sub)
+        files, skipped[sub] = find_files(cohort / sub)
         for path in files:
             st = os.stat(path)
             h.update(f"{os.path.relpath(path, cohort)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        h.update(f"{sub} skipped {sorted(skipped.items())}\n".encode())
-    return h.hexdigest()
+        h.update(f"{sub} skipped {sorted(skipped[sub].items())}\n".encode())
+    return h.hexdigest(), skipped[MASKS_DIR]["broken_link"]
 
 
 def cache_folder(cohort: Path, cache_root: Path, roi: RoiSpec, masks: Path | None = None) -> Path:
@@ -303,7 +304,7 @@ def ingest(
     out = cache_folder(cohort, Path(cache_root), roi, masks)
     key = load_key(key_file, cache_root)
     settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
-    fingerprint = _fingerprint(cohort, settings)
+    fingerprint, broken_masks = _fingerprint(cohort, settings)
     stamp = out / "fingerprint.json"
     if cache_fingerprint(out) == fingerprint:
         return out
@@ -338,7 +339,7 @@ def ingest(
     totals = {
         "files": len(scan.files),
         **{kind: scan.kinds.get(kind, 0) for kind in FILE_KINDS},
-        "broken_link": scan.kinds.get("broken_link", 0) + find_files(cohort / MASKS_DIR)[1]["broken_link"],
+        "broken_link": scan.kinds.get("broken_link", 0) + broken_masks,
         "series": len(scan.series),
         "series_rejected": dict(sorted(rejected.items())),
         "patients_reused": len(records) - len(jobs),

@@ -8,6 +8,7 @@ and the fix, and exit status 2.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,3 +103,23 @@ def resolve_cohort(cfg: DictConfig) -> None:
             return
         params = OmegaConf.to_container(data.synthetic, resolve=True)
         data.cohort = str(synthetic_cohort(Path(cfg.paths.data_dir), params, data.ingest_workers, data.progress))
+
+
+class CommandError(OvcfError):
+    """A command that another one runs failed: what was done stays, the same command resumes."""
+
+
+def run_command(argv: list[str], log: Path) -> None:
+    """Runs `python -m <argv>`, echoing its output to the console and to `log`.
+
+    Commands that chain others (the study, leave-one-style-out) run each as its own process, as a
+    user would type it, so no entry point imports another."""
+    print("$ python -m " + " ".join(argv), flush=True)
+    with open(log, "a") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            fh.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise CommandError(f"{argv[0]} failed (exit {code}); its output is in {log}. Fix it and re-run the same command")

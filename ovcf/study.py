@@ -3,8 +3,8 @@
 Stages, in order, each one a command a user could type (and the study prints it):
 1. `segmentation`: `ovcf.train -m task=segmentation model=<study.segmenters>`, leaderboard by val Dice;
 2. `masks`: `ovcf.segment` with the best segmenter's best checkpoint, on every patient;
-3. `classification`: `ovcf.train -m model=<study.classifiers>` on ROIs cut from those predicted masks,
-   leaderboard by val AUROC;
+3. `classification`: `ovcf.train -m model=<study.classifiers> cv.folds=<study.folds>` on ROIs cut from
+   those predicted masks, leaderboard by the mean val AUROC over the patient folds;
 4. `evaluation`: `ovcf.evaluate` of every classifier on the external center (`report.html`);
 5. `system`: the chosen segmenter, classifier and frozen threshold exported for `ovcf.predict`.
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,18 +25,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.atomic import write_json
-from ovcf.cli import hydra_main
-from ovcf.errors import ConfigError, OvcfError
+from ovcf.cli import CommandError, hydra_main, run_command
+from ovcf.errors import ConfigError
 from ovcf.eval.leaderboard import collect, rows
 from ovcf.eval.report import versions
 from ovcf.inference.system import export_system
 
 STAGES = ("segmentation", "masks", "classification", "evaluation", "system")
 SETTINGS = ("seed", "overrides", "segmentation_overrides", "classification_overrides")  # with the model lists
-
-
-class StageError(OvcfError):
-    """A stage's command failed: what was done stays, the same command resumes."""
 
 
 def _listing(values) -> str:
@@ -51,6 +45,9 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
     shared = [f"seed={cfg.seed}", *([f"debug={debug}"] if debug else []), *cfg.overrides]
     launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides] if cfg.launcher else []
     masks = folder / "masks"
+    # The classifiers are chosen by their mean validation AUROC over patient folds: one fold of a few
+    # dozen vertebrae can crown a model by luck. A debug cohort is too small to fold.
+    folds = [f"cv.folds={cfg.study.folds}"] if cfg.study.get("folds", 1) > 1 and not debug else []
     return {
         "segmentation": [
             "ovcf.train", "-m", "task=segmentation", f"model={_listing(cfg.study.segmenters)}", "resume=true",
@@ -61,7 +58,7 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
         ],
         "classification": [
             "ovcf.train", "-m", "task=classification", f"model={_listing(cfg.study.classifiers)}", "resume=true",
-            "data.roi_source=predicted", f"data.predicted_masks={masks}",
+            "data.roi_source=predicted", f"data.predicted_masks={masks}", *folds,
             f"hydra.sweep.dir={folder / 'classification'}", *launcher, *shared, *cfg.classification_overrides,
         ],
         "evaluation": [
@@ -83,22 +80,9 @@ def best_run(sweep: Path, metric: str) -> tuple[Path, dict]:
     runs = collect(sweep)
     table = rows(runs, metric)
     if not table or not table[0]["best"]:
-        raise StageError(f"{sweep} holds no finished run with a validation {metric}: see the run logs there")
+        raise CommandError(f"{sweep} holds no finished run with a validation {metric}: see the run logs there")
     results = next(r for r in runs if r["run"] == table[0]["run"])
     return sweep / results["run"], results
-
-
-def run_command(argv: list[str], log: Path) -> None:
-    """Runs `python -m <argv>`, echoing its output to the console and to `log`."""
-    print("$ python -m " + " ".join(argv), flush=True)
-    with open(log, "a") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            fh.write(line)
-        code = proc.wait()
-    if code != 0:
-        raise StageError(f"{argv[0]} failed (exit {code}); its output is in {log}. Fix it and re-run the same study command")
 
 
 class Manifest:

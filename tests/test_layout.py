@@ -14,7 +14,7 @@ import ovcf
 PACKAGE = Path(ovcf.__file__).parent
 ENTRY_POINTS = {
     "ovcf.train", "ovcf.ingest", "ovcf.segment", "ovcf.evaluate", "ovcf.study", "ovcf.predict", "ovcf.export",
-    "ovcf.sign_ablation", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
+    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
 }  # fmt: skip
 # What each folder may import besides itself and the shared root modules (contract, errors, parallel).
 ALLOWED = {
@@ -25,6 +25,7 @@ ALLOWED = {
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
     "cli": {"synth"},
+    "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},
 }
 SHARED = {"atomic", "contract", "errors", "parallel"}  # every folder may use them (atomic: outputs written whole)

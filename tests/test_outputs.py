@@ -30,6 +30,7 @@ OUTPUT_MODULES = (
     "ovcf/inference/patient.py",
     "ovcf/segment.py",
     "ovcf/sign_ablation.py",
+    "ovcf/transfer.py",
     "ovcf/study.py",
 )
 WRITERS = {"write_text", "write_bytes", "save_as", "to_csv"}  # methods that write a file in place

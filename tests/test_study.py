@@ -94,3 +94,6 @@ def test_sweeps_go_to_the_launcher_and_the_rest_stays_local(tmp_path):
     assert not any(a.startswith(("hydra/launcher", "hydra.launcher")) for a in argv["masks"] + argv["evaluation"])
     assert f"ckpt={tmp_path / 'best.ckpt'}" in argv["masks"]
     assert f"data.predicted_masks={tmp_path / 'masks'}" in argv["classification"]
+    assert not any(a.startswith("cv.folds") for a in argv["classification"]), "a debug cohort is too small to fold"
+    full = commands(cfg, tmp_path, tmp_path / "best.ckpt")
+    assert "cv.folds=3" in full["classification"], "classifiers are chosen by the mean over patient folds"

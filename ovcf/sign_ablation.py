@@ -15,10 +15,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ovcf.ablation import ablation_table, check_variants
 from ovcf.atomic import write_csv, write_text
 from ovcf.cli import device, hydra_main
 from ovcf.errors import ConfigError
-from ovcf.ablation import ablation_table, check_variants
 from ovcf.inference.models import load_classifier
 
 

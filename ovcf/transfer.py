@@ -20,10 +20,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ovcf.ablation import ablation_table, check_variants
 from ovcf.atomic import write_csv, write_text
 from ovcf.cli import device, hydra_main, run_command
 from ovcf.errors import ConfigError
-from ovcf.ablation import ablation_table, check_variants
 from ovcf.inference.models import load_classifier
 from ovcf.inference.runs import run_members
 

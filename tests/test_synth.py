@@ -8,6 +8,8 @@ import hashlib
 import numpy as np
 import pytest
 from conftest import synthetic_params
+from omegaconf import OmegaConf
+from scipy import ndimage
 
 from ovcf.contract import LEVEL_IDS, REQUIRED_COLUMNS
 from ovcf.synth.anatomy import Fracture, draw_spine
@@ -121,7 +123,6 @@ def test_synth_command_writes_a_cohort(cli_env, tmp_path):
 def test_raised_attenuation_lifts_the_whole_body():
     plain, body = _render_l1({})
     raised, _ = _render_l1({"raised_attenuation": {"hu": 30.0}})
-    from scipy import ndimage
 
     rise = (raised - plain)[ndimage.binary_erosion(body, iterations=3)]  # cancellous bone, inside the shell
     assert 25 < np.percentile(rise, 5) and np.percentile(rise, 95) < 31, "the whole cancellous body, evenly"
@@ -199,20 +200,25 @@ def test_screws_cast_streaks_beyond_the_metal():
 
 def test_masks_land_on_the_bodies_in_world_coordinates_read_by_simpleitk(tiny_cohort):
     """Read independently of ovcf (SimpleITK, world-space resampling), every mask sits on bone."""
+    assert _masks_on_bone(tiny_cohort) == 8
+
+
+def _masks_on_bone(cohort) -> int:
+    """Checks every patient's mask against its CT read by SimpleITK; returns how many it checked."""
     import json
 
     import SimpleITK as sitk
 
-    truth = {p["patient_id"]: p for p in json.loads((tiny_cohort / "synth.json").read_text())["patients"]}
+    truth = {p["patient_id"]: p for p in json.loads((cohort / "synth.json").read_text())["patients"]}
     seen = 0
-    for folder in sorted((tiny_cohort / "dicom").glob("*/*/2_spine")):
+    for folder in sorted((cohort / "dicom").glob("*/*/2_spine")):
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
         reader.LoadPrivateTagsOn()
         reader.MetaDataDictionaryArrayUpdateOn()
         ct = reader.Execute()
         patient = reader.GetMetaData(0, "0010|0020").strip()
-        mask = sitk.ReadImage(str(tiny_cohort / "masks" / f"{patient}.nii.gz"))
+        mask = sitk.ReadImage(str(cohort / "masks" / f"{patient}.nii.gz"))
         on_ct = sitk.Resample(mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         hu = sitk.GetArrayFromImage(ct).astype(np.float32)  # z, y, x
         labels = sitk.GetArrayFromImage(on_ct)
@@ -224,11 +230,92 @@ def test_masks_land_on_the_bodies_in_world_coordinates_read_by_simpleitk(tiny_co
             body = labels == LEVEL_IDS[level]
             assert body.sum() * np.prod(ct.GetSpacing()) / 1000 > 10, level
             in_front = np.roll(body, -shift, axis=1)
-            assert np.median(hu[body]) > np.median(hu[in_front]) + 60, f"{patient} {level}: mask off the bone"
+            # + 40: an osteoporotic body with a thin cortex (round style) lies ~55 HU above muscle
+            assert np.median(hu[body]) > np.median(hu[in_front]) + 40, f"{patient} {level}: mask off the bone"
         heights = []
         for level in truth[patient]["visible_levels"]:  # cranial first
             centre = np.argwhere(labels == LEVEL_IDS[level]).mean(axis=0)[::-1]  # x, y, z index
             heights.append(ct.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre])[2])
         assert heights == sorted(heights, reverse=True), "levels run head to feet in world coordinates"
         seen += 1
-    assert seen == 8
+    return seen
+
+
+STYLES = ["classic", "round", "box", "plate"]
+
+
+@pytest.mark.parametrize("index,style", enumerate(STYLES))
+def test_each_style_renders_a_valid_cohort(tmp_path, index, style):
+    """One patient per style (on alternating centers): masks on the bone, signs column as in synth.json."""
+    import json
+
+    params = synthetic_params(patients_per_center=1, n_levels=[5, 5], plant={}, difficulty=0.1, style_mix=[style])
+    params |= {"render_centers": ["AB"[index % 2]], "export": {"localizer": False, "mr_series": False, "thick_ct_fraction": 0}}
+    cohort = generate_cohort(tmp_path / style, num_workers=1, progress=False, report=False, **params)
+    assert _masks_on_bone(cohort) == 1
+    (patient,) = json.loads((cohort / "synth.json").read_text())["patients"]
+    assert patient["style"]["name"] == style
+    with open(cohort / "clinical.csv", newline="") as fh:
+        rows = {r["level"]: r["signs"] for r in csv.DictReader(fh)}
+    assert rows == {f["level"]: ";".join(sorted(f["signs"])) for f in patient["fractures"]}
+    assert any(rows.values()), "difficulty 0.1: the fractures show signs"
+    for f in patient["fractures"]:
+        assert all("variant" in sign or name == "osteophytes" for name, sign in f["signs"].items())
+
+
+def _looks(*names):
+    from ovcf.synth.style import check_styles, draw_look
+
+    styles, _ = check_styles(synthetic_params())
+    return [draw_look(np.random.default_rng(0), styles, [name]) for name in names]
+
+
+def test_styles_change_the_body_shape_and_the_kernel_of_the_same_patient():
+    """The same spine drawn once: box bodies fill their bounding box, sharp kernels overshoot, blotchy noise is smooth."""
+    from ovcf.synth.scanner import Scanner, acquire
+
+    classic, box, rnd = _looks("classic", "box", "round")
+    fill = {}
+    for look in (classic, box):
+        rng = np.random.default_rng(4)
+        vertebrae, _ = draw_spine(rng, (5, 5), -2.5)
+        v = vertebrae[2]
+        o = v.origin
+        grid = Grid(x=o[0] + np.arange(-40, 40) * 0.8, y=o[1] + np.arange(-30, 30) * 0.8, z=o[2] + np.arange(10, 14) * 1.0)
+        hu, labels = render(vertebrae, grid, np.random.default_rng(9), look=look)
+        section = labels[:, :, 2] == LEVEL_IDS[v.level]
+        xs, ys = np.nonzero(section)
+        fill[look.name] = section.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+        if look is box:
+            box_hu, box_grid = hu, grid
+    assert fill["classic"] < 0.82 < 0.88 < fill["box"], fill
+
+    center = Scanner(noise_hu=0.0)
+    soft = acquire(box_hu, box_grid, classic.scanner_for(center), np.random.default_rng(0))
+    sharp = acquire(box_hu, box_grid, box.scanner_for(center), np.random.default_rng(0))
+    assert sharp.max() > box_hu.max() + 40 > soft.max() + 40, "a sharp kernel overshoots at the cortex"
+
+    flat = np.zeros((64, 64, 8), np.float32)
+    flat_grid = Grid(x=np.arange(64) * 0.8, y=np.arange(64) * 0.8, z=np.arange(8) * 1.0)
+
+    def high_pass_share(look):
+        noise = acquire(flat, flat_grid, look.scanner_for(Scanner(noise_hu=20.0)), np.random.default_rng(1))
+        residual = noise - ndimage.uniform_filter(noise, (3, 3, 1))
+        return residual.std() / noise.std()
+
+    assert high_pass_share(box) > high_pass_share(classic) > high_pass_share(rnd) + 0.1, "fine grain vs blotchy noise"
+
+
+def test_style_mix_restricts_the_styles_and_an_unknown_one_is_a_config_error(tmp_path):
+    from conftest import compose_cfg
+
+    from ovcf.errors import ConfigError
+    from ovcf.synth.style import check_styles, draw_look
+
+    params = synthetic_params(style_mix=["round", "box"])
+    styles, mix = check_styles(params)
+    drawn = {draw_look(np.random.default_rng([0, i]), styles, mix).name for i in range(40)}
+    assert drawn == {"round", "box"}
+    cfg = compose_cfg("train", ["synthetic.style_mix=[round,cartoon]"])
+    with pytest.raises(ConfigError, match=r"synthetic.style_mix names cartoon: the known styles are classic, round, box, plate"):
+        generate_cohort(tmp_path, progress=False, **OmegaConf.to_container(cfg.synthetic, resolve=True))

@@ -88,6 +88,7 @@ def draw_fracture(
     grades_cfg: dict,
     difficulty: float = 0.5,
     ablate: tuple[str, ...] = (),
+    variants: dict[str, str] | None = None,
 ) -> Fracture:
     """Draws grade, shape and the CT signs of one fracture from the configured mix.
 
@@ -98,6 +99,9 @@ def draw_fracture(
     `ablate` switches single cues off to find out what a model reads: a sign named there is drawn
     as usual (the random stream, hence every other draw, stays the same) and then dropped;
     `collapse` gives both labels the same grade mix, so height loss no longer hints at the label.
+
+    `variants` (sign name -> how the renderer draws it, from the patient's style) is stored with
+    each drawn sign as `variant`; it is drawn elsewhere so that it takes nothing from `rng`.
     """
     k = sign_strength(difficulty)
     mix = np.asarray(grades_cfg[label], float) / np.sum(grades_cfg[label])
@@ -115,6 +119,8 @@ def draw_fracture(
         if rng.random() < min(1.0, spec["p"] * k):
             drawn = {key: _uniform(rng, v) for key, v in spec.items() if key != "p"}
             signs[name] = {key: v * k if key in CONTRAST_KEYS else v for key, v in drawn.items()}
+            if name in (variants or {}):
+                signs[name]["variant"] = variants[name]
     signs = {name: spec for name, spec in signs.items() if name not in ablate}
     return Fracture(label, grade, morphology, loss, endplate, signs)
 

@@ -36,8 +36,9 @@ from ovcf.synth.implants import IMPLANT_KINDS, add_cement, add_screws
 from ovcf.synth.montage import sagittal_view, write_montage
 from ovcf.synth.phantom import render
 from ovcf.synth.scanner import Scanner, acquire, make_grid
+from ovcf.synth.style import check_styles, draw_look, draw_variants
 
-COLUMNS = [*REQUIRED_COLUMNS, "ct_date", "etiology", "ct_series_uid"]
+COLUMNS = [*REQUIRED_COLUMNS, "ct_date", "etiology", "ct_series_uid", "signs"]  # signs: extra, for sign supervision
 _FIRST = ["ANNA", "MARIA", "LI", "WEI", "HELGA", "ROSA", "JOHN", "PETER", "YAN", "EVA"]
 _LAST = ["SMITH", "WANG", "MUELLER", "ROSSI", "CHEN", "NOVAK", "GARCIA", "ZHANG", "BROWN", "LEE"]
 _INSTITUTIONS = {0: "Synthetic University Hospital", 1: "Phantom General Hospital"}
@@ -52,7 +53,9 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     """Draws, renders, acquires and writes one patient; returns its CSV rows and ground truth."""
     cfg, center, c_idx, p_idx = job["cfg"], job["center"], job["center_index"], job["patient_index"]
     rng = np.random.default_rng([cfg["seed"], c_idx, p_idx])
-    scanner = Scanner(**cfg["centers"][center])
+    style_rng = np.random.default_rng([cfg["seed"], c_idx, p_idx, 3])  # the style and sign variants: their own stream
+    look = draw_look(style_rng, *check_styles(cfg))
+    scanner = look.scanner_for(Scanner(**cfg["centers"][center]))
 
     sex = "F" if rng.random() < 0.75 else "M"
     age = int(np.clip(round(rng.normal(74, 8)), 55, 95))
@@ -65,17 +68,18 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     by_name = {v.level: v for v in vertebrae}
     for level in levels:
         label = "acute" if rng.random() < cfg["acute_fraction"] else "chronic"
+        variants = draw_variants(style_rng, look)
         by_name[level].fracture = draw_fracture(
-            rng, label, cfg["signs"], cfg["grades"], cfg.get("difficulty", 0.5), tuple(cfg.get("ablate") or ())
+            rng, label, cfg["signs"], cfg["grades"], cfg.get("difficulty", 0.5), tuple(cfg.get("ablate") or ()), variants
         )
     apply_fracture_heights(vertebrae)
 
     problem = job.get("problem")
     if problem == "image_quality":  # a low-dose or obese-patient scan: noise hides the fracture signs
-        scanner = replace(scanner, noise_hu=PLANTED_NOISE_HU)
+        scanner = replace(scanner, noise_hu=PLANTED_NOISE_HU, noise_grain_mm=None, blotch=0.0)
     scanner_rng = np.random.default_rng([cfg["seed"], c_idx, p_idx, 1])
     grid = make_grid(vertebrae, scanner, scanner_rng)
-    ideal, labels = render(vertebrae, grid, rng, cfg.get("tissues"))
+    ideal, labels = render(vertebrae, grid, rng, cfg.get("tissues"), look)
     if problem == "implant" and job["implant"] == "screws":
         add_screws(ideal, grid, vertebrae, levels, np.random.default_rng([cfg["seed"], c_idx, p_idx, 2]))
     elif problem == "implant":
@@ -140,6 +144,7 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
                 "ct_date": ct_date.isoformat(),
                 "etiology": "malignancy" if problem == "etiology" else "osteoporotic",
                 "ct_series_uid": "",
+                "signs": ";".join(sorted(f.signs)),  # the signs the image shows (ablated ones are not)
             }
         )
         truth.append({"patient_id": patient_id, "level": level, **asdict(f), "features": features.get(LEVEL_IDS[level])})
@@ -149,12 +154,13 @@ def _patient(job: dict) -> tuple[list[dict], dict]:
     planted = {r["level"]: problem for r in rows} if problem in ROW_PROBLEMS else {}
     if problem == "level_not_in_fov":  # a row naming a level the scan does not reach
         far = LEVEL_ORDER[max(LEVEL_ORDER.index(visible[0]) - 4, 0)]
-        rows.append({**rows[0], "level": far, "label": str(rng.choice(["acute", "chronic"]))})
+        rows.append({**rows[0], "level": far, "label": str(rng.choice(["acute", "chronic"])), "signs": ""})
         planted[far] = problem
     truth = {
         "patient_id": patient_id,
         "center": center,
         "visible_levels": visible,
+        "style": asdict(look),  # the style's name and its drawn parameters
         "fractures": truth,
         "planted": planted,  # level -> the exclusion the reader must find for that row
         "implant": job["implant"] if problem == "implant" else None,
@@ -200,6 +206,7 @@ def generate_cohort(out: str | Path, num_workers: int = 1, progress: bool = True
         raise ConfigError(
             f"synthetic.difficulty must lie in [0, 1] (0 obvious, 0.5 default, 1 no signs), got {cfg['difficulty']}"
         )
+    check_styles(cfg)
     cues = ablation_cues(cfg["signs"])
     unknown = set(cfg.get("ablate") or ()) - set(cues)
     if unknown:

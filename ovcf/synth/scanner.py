@@ -14,6 +14,8 @@ from scipy import ndimage
 from ovcf.synth.anatomy import Vertebra
 from ovcf.synth.phantom import Grid
 
+BLOTCH_MM = 2.5  # correlation length of blotchy (low-frequency) noise
+
 
 @dataclass
 class Scanner:
@@ -31,6 +33,8 @@ class Scanner:
     noise_hu: float = 12.0  # noise SD in water
     hu_offset: float = 0.0  # calibration offset
     feet_first: bool = False
+    noise_grain_mm: float | None = None  # noise correlation length in-plane (None: 0.6 voxels)
+    blotch: float = 0.0  # share of low-frequency (blotchy) noise power; the rest is the fine grain
 
 
 def make_grid(vertebrae: list[Vertebra], scanner: Scanner, rng: np.random.Generator) -> Grid:
@@ -45,14 +49,25 @@ def make_grid(vertebrae: list[Vertebra], scanner: Scanner, rng: np.random.Genera
 
 
 def acquire(ideal: np.ndarray, grid: Grid, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
-    """Blurs by the kernel and slice profile, adds correlated noise and the calibration offset."""
+    """Blurs by the kernel and slice profile, adds correlated noise and the calibration offset.
+
+    The kernel's MTF is a Gaussian, with overshoot for sharp kernels (`sharpen`); the noise power
+    spectrum is a fine grain (`noise_grain_mm`) plus, for `blotch` > 0, a share of low-frequency
+    blotches. Both come from the same white noise, so a style does not change the random stream.
+    """
     spacing = grid.spacing
     sigma_z = np.hypot(scanner.slice_thickness / 2.355, scanner.blur_mm)
     sigma = np.array([scanner.blur_mm, scanner.blur_mm, sigma_z]) / spacing
     image = ndimage.gaussian_filter(ideal, sigma)
     if scanner.sharpen > 0:
         image = image + scanner.sharpen * (image - ndimage.gaussian_filter(image, 2 * sigma))
-    noise = rng.standard_normal(ideal.shape).astype(np.float32)
-    noise = ndimage.gaussian_filter(noise, [0.6, 0.6, 0.3])
-    image = image + noise * (scanner.noise_hu / (noise.std() + 1e-6)) + scanner.hu_offset
+    white = rng.standard_normal(ideal.shape).astype(np.float32)
+    grain = [0.6, 0.6] if scanner.noise_grain_mm is None else [scanner.noise_grain_mm / s for s in spacing[:2]]
+    noise = ndimage.gaussian_filter(white, [*grain, 0.3])
+    noise = noise * (scanner.noise_hu / (noise.std() + 1e-6))
+    if scanner.blotch > 0:
+        blotches = ndimage.gaussian_filter(white, BLOTCH_MM / spacing)
+        blotches = blotches * (scanner.noise_hu / (blotches.std() + 1e-6))
+        noise = np.sqrt(1 - scanner.blotch) * noise + np.sqrt(scanner.blotch) * blotches
+    image = image + noise + scanner.hu_offset
     return image.astype(np.float32)

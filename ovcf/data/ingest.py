@@ -219,7 +219,6 @@ def _finish(p: _Patient) -> dict:
                 "age": r.age,
                 "sex": r.sex,
                 "dxa_t_score": r.dxa_t_score,
-                "signs": r.signs,
                 "included": not res["reasons"],
                 "reasons": list(dict.fromkeys(res["reasons"])),
                 "flags": list(dict.fromkeys(res["flags"])),
@@ -300,7 +299,8 @@ def ingest(
     The folder holds `index.csv` (one line per clinical row, pseudonymised, with `included`,
     exclusion `reasons` and reader `flags`), `samples/<pseudonym>.npz` (ROI image in HU and body
     mask per row), `patients/<pseudonym>.json` (rows and series report) and the flow report
-    (`flow.json`, `flow.md`, `flow.png`).
+    (`flow.json`, `flow.md`, `flow.png`). `index.csv`'s `signs` (the CSV's optional column; `?`: no sign
+    labels) is always taken from the CSV as it is now, so adding the column re-indexes without re-ingesting.
     """
     checks = checks if isinstance(checks, IngestChecks) else IngestChecks.from_config(checks)
     cohort = check_cohort(Path(cohort))

@@ -53,3 +53,28 @@ DATA_PROBLEM_CODES = ("invalid", "no_mask", "mask_mismatch")
 
 # Mask voxels must coincide with CT voxels within this distance (mm).
 MASK_TOLERANCE_MM = 0.01
+
+# The CT signs a fracture can show (acute: the first four; chronic: the last three), in the order of the
+# classifier's sign heads and of every per-sign output. clinical.csv may carry them in the optional column
+# `signs`: a row's sign names joined by ";" ("" = none of them, "?" = not read: the row has no sign labels).
+# A cohort without the column has no sign labels at all.
+SIGNS = (
+    "fracture_lines",
+    "impaction_band",
+    "raised_attenuation",
+    "soft_tissue_swelling",
+    "sclerotic_margin",
+    "vacuum_cleft",
+    "osteophytes",
+)
+SIGNS_COLUMN = "signs"
+SIGNS_UNKNOWN = "?"
+SIGN_NAMES = {  # as a report names them
+    "fracture_lines": "fracture line",
+    "impaction_band": "impaction band",
+    "raised_attenuation": "oedema-like attenuation",
+    "soft_tissue_swelling": "paravertebral swelling",
+    "sclerotic_margin": "sclerotic rim",
+    "vacuum_cleft": "vacuum cleft",
+    "osteophytes": "osteophytes",
+}

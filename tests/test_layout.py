@@ -14,7 +14,7 @@ import ovcf
 PACKAGE = Path(ovcf.__file__).parent
 ENTRY_POINTS = {
     "ovcf.train", "ovcf.ingest", "ovcf.segment", "ovcf.evaluate", "ovcf.study", "ovcf.predict", "ovcf.export",
-    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
+    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
 }  # fmt: skip
 # What each folder may import besides itself and the shared root modules (contract, errors, parallel).
 ALLOWED = {

@@ -6,6 +6,12 @@ departure from the contract is read with a named flag or refused, never silently
 non-UTF-8 file (`csv_not_utf8`), `;` separators (`csv_semicolon`), a row repeated exactly
 (`duplicate_row`: read once), two different rows for one vertebra (both `invalid`). Messages name
 columns, row numbers and levels only, never the CSV's values: they end up in logs and caches.
+
+The optional column `signs` (the CT signs read on the fracture, see `ovcf.contract.SIGNS`) is sign
+supervision, not a protocol field: an unknown sign name stops the whole cohort with one error listing
+the rows and the allowed names, because a misspelt vocabulary is a property of the export (every
+row of the site is wrong the same way), and excluding those rows would drop fractures whose
+acute/chronic label is fine.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from ovcf.contract import (
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     SEXES,
+    SIGNS,
+    SIGNS_COLUMN,
+    SIGNS_UNKNOWN,
     T_SCORE_RANGE,
 )
 from ovcf.data.pseudonym import pseudonym
@@ -36,7 +45,7 @@ NOT_UTF8 = "csv_not_utf8"
 SEMICOLON = "csv_semicolon"
 DUPLICATE_ROW = "duplicate_row"
 # Fields that must agree for two rows of one patient and level to be the same row (values as read).
-COMPARED = ("center", "age", "sex", "dxa_t_score", "ct_date", "mri_date", "label", "etiology", "ct_series_uid")
+COMPARED = ("center", "age", "sex", "dxa_t_score", "ct_date", "mri_date", "label", "etiology", "ct_series_uid", "signs")
 
 
 def _latin1(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -63,6 +72,7 @@ class ClinicalRow:
     mri_date: dt.date | None = None
     etiology: str = DEFAULT_ETIOLOGY
     ct_series_uid: str = ""
+    signs: tuple[str, ...] | None = None  # CT signs read on the fracture (names of SIGNS); None: no sign labels
     problems: list[str] = field(default_factory=list)  # messages behind the reason `invalid`
     flags: list[str] = field(default_factory=list)  # how the row was read, for a reviewer; not exclusions
     notes: list[str] = field(default_factory=list)  # messages behind the flags
@@ -89,6 +99,7 @@ class _Table:
     records: list[tuple[int, dict[str, str]]]
     flags: list[str]
     decimal_comma: bool
+    has_signs: bool = False  # the header has the optional `signs` column
 
 
 def _decode(path: Path) -> tuple[str, list[str]]:
@@ -138,10 +149,11 @@ def _read_table(path: Path) -> _Table:
         for cells in reader:
             if cells:  # a blank line is no row (as csv.DictReader)
                 values = {c: v.strip() for c, v in zip(columns, cells) if c}
-                records.append((len(records) + 1, {c: values.get(c, "") for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}))
+                kept = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, SIGNS_COLUMN)
+                records.append((len(records) + 1, {c: values.get(c, "") for c in kept}))
     except csv.Error as exc:  # its message names the problem, never the cell
         raise CohortError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix its quoting") from None
-    return _Table(records, flags + ([SEMICOLON] if delimiter == ";" else []), delimiter == ";")
+    return _Table(records, flags + ([SEMICOLON] if delimiter == ";" else []), delimiter == ";", SIGNS_COLUMN in columns)
 
 
 def _date(text: str, column: str, problems: list[str]) -> dt.date | None:
@@ -203,9 +215,40 @@ def _parse(number: int, raw: dict[str, str], table: _Table) -> ClinicalRow:
         mri_date=_date(raw["mri_date"], "mri_date", problems),
         etiology=(raw["etiology"] or DEFAULT_ETIOLOGY).lower(),
         ct_series_uid=raw["ct_series_uid"],
+        signs=parse_signs(raw[SIGNS_COLUMN]) if table.has_signs else None,
         problems=problems,
         flags=list(table.flags),
     )
+
+
+def parse_signs(text: str) -> tuple[str, ...] | None:
+    """A `signs` cell as sorted sign names: "" none, "?" not read (None); names are case- and space-insensitive.
+
+    Raises:
+        ValueError: a name that is not one of `SIGNS` (the caller names the row; the value is not repeated).
+    """
+    if text.strip() == SIGNS_UNKNOWN:
+        return None
+    names = {n.strip().lower().replace(" ", "_") for n in text.split(";")} - {""}
+    if not names <= set(SIGNS):
+        raise ValueError("unknown sign name")
+    return tuple(sorted(names))
+
+
+def _check_signs(table: _Table, path: Path) -> None:
+    """Raises `CohortError` naming the rows whose `signs` cell holds a name outside `SIGNS` (their values left out)."""
+    bad = []
+    for number, raw in table.records:
+        try:
+            parse_signs(raw[SIGNS_COLUMN])
+        except ValueError:
+            bad.append(number)
+    if bad:
+        raise CohortError(
+            f"{path}: column {SIGNS_COLUMN} of row(s) {_rows(bad[:10])}{' ...' if len(bad) > 10 else ''} names a sign "
+            f"that is not one of {', '.join(SIGNS)}; write those names joined by ';' ('' for none, '{SIGNS_UNKNOWN}' "
+            f"for not read), or remove the column"
+        )
 
 
 def _rows(numbers) -> str:
@@ -247,8 +290,15 @@ def _merge_repeats(rows: list[ClinicalRow]) -> list[ClinicalRow]:
 
 
 def check_clinical(path: Path) -> None:
-    """Raises `CohortError` when the CSV is missing, lacks required columns or repeats one."""
-    _read_table(path)
+    """Raises `CohortError` when the CSV is missing, lacks required columns, repeats one or names an unknown sign."""
+    table = _read_table(path)
+    if table.has_signs:
+        _check_signs(table, path)
+
+
+def has_signs(path: Path) -> bool:
+    """Whether the CSV has the optional `signs` column (sign labels for the classifier's sign heads)."""
+    return _read_table(path).has_signs
 
 
 def read_centers(path: Path) -> list[str]:
@@ -259,6 +309,8 @@ def read_centers(path: Path) -> list[str]:
 def read_clinical(path: Path) -> list[ClinicalRow]:
     """Parses the CSV, one row per patient and level; raises `CohortError` on a missing file or a bad header."""
     table = _read_table(path)
+    if table.has_signs:
+        _check_signs(table, path)  # before any row: one error for the cohort, not one per row
     return _merge_repeats([_parse(number, raw, table) for number, raw in table.records])
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from ovcf.contract import CLINICAL_CSV, LABELS
+from ovcf.contract import CLINICAL_CSV, LABELS, SIGNS
 from ovcf.data.augment import build_augment, scale_augment
 from ovcf.data.clinical import read_centers
 from ovcf.data.ct import IngestChecks
@@ -28,7 +28,12 @@ from ovcf.errors import ConfigError
 
 
 class VertebraDataset(Dataset):
-    """In-memory ROIs of fractured vertebrae with their label and clinical features."""
+    """In-memory ROIs of fractured vertebrae with their label, clinical features and sign labels.
+
+    `signs` is one 0/1 per name of `SIGNS`; `signs_known` is False for a row without sign labels
+    (`row["signs"]` None or absent: a cohort without the `signs` column), whose `signs` are zeros
+    that the sign loss must skip.
+    """
 
     def __init__(
         self,
@@ -45,6 +50,10 @@ class VertebraDataset(Dataset):
         self.masks = torch.from_numpy(masks).unsqueeze(1)
         self.labels = torch.tensor([LABELS.index(r["label"]) for r in rows], dtype=torch.float32)
         self.clinical = torch.tensor([clinical_features(r) for r in rows], dtype=torch.float32).reshape(len(rows), 3)
+        self.signs_known = torch.tensor([r.get("signs") is not None for r in rows], dtype=torch.bool)
+        self.signs = torch.tensor(
+            [[float(name in (r.get("signs") or ())) for name in SIGNS] for r in rows], dtype=torch.float32
+        ).reshape(len(rows), len(SIGNS))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,6 +81,8 @@ class VertebraDataset(Dataset):
             "mask": mask,
             "label": self.labels[i],
             "clinical": self.clinical[i],
+            "signs": self.signs[i],
+            "signs_known": self.signs_known[i],
             "id": f"{r['pseudonym']}:{r['level']}",
         }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ovcf.atomic import write_atomic, write_csv, write_json
-from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS
+from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS, SIGNS_COLUMN, SIGNS_UNKNOWN
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, SpineQc, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import FILE_KINDS, find_files
@@ -36,8 +36,13 @@ from ovcf.errors import CohortError
 from ovcf.parallel import pool_map, worker_pool
 
 CACHE_VERSION = 5
+# Bumped when index.csv gains content that the patients' samples do not depend on (2: the `signs` column):
+# a cache stamped before is indexed again (its samples are reused), so a CSV that already had the column
+# when an older ovcf cached it gets its signs.
+INDEX_VERSION = 2
 INDEX_COLUMNS = [
     "row", "pseudonym", "center", "level", "label", "age", "sex", "dxa_t_score", "included", "reasons", "flags", "note",
+    SIGNS_COLUMN,
 ]  # fmt: skip
 
 
@@ -233,7 +238,8 @@ def _savez(path: Path, arrays: dict) -> None:
 
 def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | None, settings: str) -> str:
     h = hashlib.sha256(settings.encode())
-    h.update(json.dumps([asdict(r) for r in rows], default=str).encode())
+    # Sign labels change no sample: adding the column to a cached cohort re-indexes it without re-reading its CT.
+    h.update(json.dumps([asdict(r) | {"signs": None} for r in rows], default=str).encode())
     for digest in sorted({s.digest for ser in series for s in ser.slices}):
         h.update(digest.encode())
     h.update(hashlib.sha256(mask.read_bytes()).digest() if mask is not None else b"no mask")
@@ -293,7 +299,8 @@ def ingest(
     The folder holds `index.csv` (one line per clinical row, pseudonymised, with `included`,
     exclusion `reasons` and reader `flags`), `samples/<pseudonym>.npz` (ROI image in HU and body
     mask per row), `patients/<pseudonym>.json` (rows and series report) and the flow report
-    (`flow.json`, `flow.md`, `flow.png`).
+    (`flow.json`, `flow.md`, `flow.png`). `index.csv`'s `signs` (the CSV's optional column; `?`: no sign
+    labels) is always taken from the CSV as it is now, so adding the column re-indexes without re-ingesting.
     """
     checks = checks if isinstance(checks, IngestChecks) else IngestChecks.from_config(checks)
     cohort = check_cohort(Path(cohort))
@@ -304,7 +311,7 @@ def ingest(
     out = cache_folder(cohort, Path(cache_root), roi, masks)
     key = load_key(key_file, cache_root)
     settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
-    fingerprint, broken_masks = _fingerprint(cohort, settings)
+    fingerprint, broken_masks = _fingerprint(cohort, f"{settings}|index {INDEX_VERSION}")
     stamp = out / "fingerprint.json"
     if cache_fingerprint(out) == fingerprint:
         return out
@@ -331,7 +338,8 @@ def ingest(
         if stale.stem not in records:
             stale.unlink()
             (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
-    index = sorted((r for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
+    signs = {r.row: r.signs for r in rows}  # from the CSV as it is now: a reused record may predate the column
+    index = sorted((r | {"signs": signs.get(r["row"])} for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
     _write_index(out / "index.csv", index)
     rejected = Counter(
         s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in (USED, NOT_CANDIDATE, UNUSED)
@@ -361,6 +369,7 @@ def _write_index(path: Path, index: list[dict]) -> None:
             "dxa_t_score": "" if r["dxa_t_score"] is None else r["dxa_t_score"],
             "reasons": ";".join(r["reasons"]),
             "flags": ";".join(r["flags"]),
+            SIGNS_COLUMN: SIGNS_UNKNOWN if r.get("signs") is None else ";".join(r["signs"]),
         }
         for r in index
     )
@@ -378,4 +387,6 @@ def read_index(cache: Path) -> list[dict]:
         r["dxa_t_score"] = float(r["dxa_t_score"]) if r["dxa_t_score"] else float("nan")
         r["reasons"] = [x for x in r["reasons"].split(";") if x]
         r["flags"] = [x for x in r["flags"].split(";") if x]
+        cell = r.get(SIGNS_COLUMN, SIGNS_UNKNOWN)  # an index written before the column: no sign labels
+        r["signs"] = None if cell == SIGNS_UNKNOWN else [x for x in cell.split(";") if x]
     return rows

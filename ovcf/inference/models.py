@@ -54,10 +54,15 @@ def load_segmenter(ckpt: str | Path, device: str = "cpu") -> tuple[SegmentationT
 
 
 def classifier_hparams(hparams, source: Path) -> dict:
-    """The init args of a ClassificationTask, checked to be one of this ovcf version."""
+    """The init args of a ClassificationTask, checked to be one of this ovcf version.
+
+    The initial weights it was trained from (`model_kwargs.weights`, e.g. a pretrain file) are dropped:
+    the checkpoint's own weights replace them, and that file need not exist where the model runs.
+    """
     if not isinstance(hparams, dict) or "clinical" not in hparams:
         raise ConfigError(f"{source} is not a classification checkpoint of this ovcf version (train one with ovcf.train)")
-    return hparams
+    kwargs = {k: v for k, v in dict(hparams.get("model_kwargs") or {}).items() if k not in ("weights", "pretrained")}
+    return {**hparams, "model_kwargs": kwargs}
 
 
 def segmenter_hparams(hparams, source: Path) -> dict:
@@ -80,6 +85,20 @@ def score(task: ClassificationTask, dataset, batch_size: int = 32) -> torch.Tens
     device = next(task.parameters()).device
     probs = [torch.sigmoid(task.logits({k: v.to(device) for k, v in b.items() if k != "id"}).float()).cpu() for b in loader]
     return torch.cat(probs) if probs else torch.zeros(0)
+
+
+@torch.no_grad()
+def sign_scores(tasks: list[ClassificationTask], dataset, batch_size: int = 32) -> torch.Tensor | None:
+    """Mean probability of each sign of `ovcf.contract.SIGNS` over the `tasks` that report signs (a fold ensemble
+    averages its members), (N, len(SIGNS)); None when none of them has learned sign heads."""
+    members = []
+    for task in tasks:
+        device = next(task.parameters()).device
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        parts = [task.sign_probabilities(b["image"].to(device)) for b in loader]
+        if parts and parts[0] is not None:
+            members.append(torch.cat(parts).cpu())
+    return torch.stack(members).mean(0) if members else None
 
 
 def to_ct_grid(labels: np.ndarray, labels_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ovcf.atomic import write_atomic, write_csv, write_json
-from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
+from ovcf.contract import LEVEL_IDS, LEVEL_ORDER, SIGN_NAMES, SIGNS
 from ovcf.data.ct import Case, SpineQc, check_level, load_case, slice_problem
 from ovcf.data.datamodule import VertebraDataset
 from ovcf.data.heights import level_heights
@@ -36,7 +36,7 @@ from ovcf.data.series import validate
 from ovcf.data.volume import Volume
 from ovcf.errors import CohortError, ConfigError, OvcfError
 from ovcf.eval.gradcam import ensemble_gradcam, overlay_figure
-from ovcf.inference.models import score, segment_ct
+from ovcf.inference.models import score, segment_ct, sign_scores
 from ovcf.inference.system import System
 from ovcf.parallel import track
 
@@ -63,8 +63,11 @@ def _level(volume: Volume, by_id: dict, level: str, system: System, spine: Spine
     return entry | {"qc": check.qc}, roi
 
 
-def classify(system: System, rois: dict[str, tuple], name: str, clinical: dict) -> tuple[dict[str, float], np.ndarray, object]:
-    """Mean acute probability of the system's models per level, the Grad-CAM maps and the dataset."""
+def classify(
+    system: System, rois: dict[str, tuple], name: str, clinical: dict
+) -> tuple[dict[str, float], np.ndarray, object, dict[str, dict[str, float]]]:
+    """Mean acute probability of the system's models per level, the Grad-CAM maps, the dataset, and the mean
+    probability of each sign per level (empty when no model has sign heads)."""
     levels = list(rois)
     rows = [{"pseudonym": name, "level": lv, "label": "chronic", **clinical} for lv in levels]
     ds = VertebraDataset(
@@ -78,7 +81,9 @@ def classify(system: System, rois: dict[str, tuple], name: str, clinical: dict) 
     device = next(system.classifiers[0].parameters()).device
     images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
     cams = ensemble_gradcam(system.classifiers, images, ds.clinical.to(device))
-    return dict(zip(levels, probs)), cams, ds
+    signs = sign_scores(system.classifiers, ds)
+    per_level = {} if signs is None else {lv: dict(zip(SIGNS, row)) for lv, row in zip(levels, signs.tolist())}
+    return dict(zip(levels, probs)), cams, ds, per_level
 
 
 def predict_patient(
@@ -106,10 +111,10 @@ def predict_patient(
     ready = {lv: roi for lv, (_, roi) in checked.items() if roi is not None}
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    probs, cams = {}, None
+    probs, cams, signs = {}, None, {}
     if ready:
         features = {"age": float("nan"), "sex": "", "dxa_t_score": float("nan"), **(clinical or {})}
-        probs, cams, ds = classify(system, ready, name, features)
+        probs, cams, ds, signs = classify(system, ready, name, features)
     entries = []
     for lv in chosen:
         entry = {"level": lv, "in_mask": lv in heights, "heights": heights.get(lv), **checked[lv][0]}
@@ -122,6 +127,8 @@ def predict_patient(
                 [{"image": ds[i]["image"][0].numpy(), "cam": cams[i], "caption": caption}], png, f"{lv}: {_decision(p, system)}"
             )
             entry |= {"probability": p, "decision": _decision(p, system), "threshold": system.threshold, "gradcam": png.name}
+            if lv in signs:
+                entry["signs"] = {k: round(v, 4) for k, v in signs[lv].items()}
         entries.append(entry)
     files = {}
     if options.get("nifti"):
@@ -290,6 +297,7 @@ SUMMARY = (
     "excluded",
     "flags",
     "seconds",
+    *(f"p_{name}" for name in SIGNS),
 )
 
 
@@ -309,9 +317,20 @@ def _summary_rows(report: dict) -> list[dict]:
                 "excluded": ";".join(e.get("excluded", [])),
                 "flags": ";".join(e.get("flags", [])),
                 "seconds": report["seconds"],
+                **{f"p_{name}": p for name, p in (e.get("signs") or {}).items()},
             }
         )
     return rows
+
+
+def call_text(entry: dict) -> str:
+    """One level as the summary prints it: `L1 acute (p=0.91; fracture line 0.82, oedema-like attenuation 0.71,
+    impaction band 0.64)`: the three most likely signs, when the system reports signs (report.json has all)."""
+    if "decision" not in entry:
+        return f"{entry['level']} {entry['status']}"
+    signs = sorted((entry.get("signs") or {}).items(), key=lambda kv: -kv[1])[:3]
+    listed = ("; " + ", ".join(f"{SIGN_NAMES[k]} {v:.2f}" for k, v in signs)) if signs else ""
+    return f"{entry['level']} {entry['decision']} (p={entry['probability']:.2f}{listed})"
 
 
 def predict_cases(
@@ -341,10 +360,7 @@ def predict_cases(
             continue
         done.append(name)
         rows += _summary_rows(report)
-        calls = ", ".join(
-            f"{e['level']} {e['decision']} (p={e['probability']:.2f})" if "decision" in e else f"{e['level']} {e['status']}"
-            for e in report["levels"]
-        )
+        calls = ", ".join(call_text(e) for e in report["levels"])
         print(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
     summary = {
         "system": str(system.folder),

@@ -20,6 +20,8 @@ these two methods in its own file:
 
 from __future__ import annotations
 
+import functools
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,12 +29,14 @@ import timm
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet121, ViT
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ovcf.errors import ConfigError
 from ovcf.models.registry import register_model
 
 _POOLS = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool2d)
+ENCODER_PREFIX = "net."  # what `ovcf.tasks.ClassificationTask` calls its encoder in its state dict
 
 
 def before_pools(net: nn.Module, path: str = "features") -> list[str]:
@@ -103,7 +107,8 @@ def _weights_file(weights: str | None, pretrained: bool) -> Path | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(
-            f"weight file {path} not found: set model.model_kwargs.weights to a local timm/torchvision/MONAI checkpoint"
+            f"weight file {path} not found: set model.model_kwargs.weights to a local timm/torchvision/MONAI checkpoint "
+            "or a file of python -m ovcf.pretrain"
         )
     return path
 
@@ -125,12 +130,30 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return (weight.sum(1, keepdim=True) / in_channels).expand(-1, in_channels, *weight.shape[2:]).clone()
 
 
-def load_matching(model: nn.Module, path: Path) -> nn.Module:
-    """Loads the tensors of a local checkpoint whose names and shapes match (heads differ); a kernel
-    that differs only in input channels (a mask channel, a grey-scale net) is adapted."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a local weight file: safetensors, or a checkpoint read by torch's weights-only
+    loader (a `state_dict` inside is unwrapped); nothing in either can run code."""
+    try:
+        with safe_open(str(path), "pt", device="cpu") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}, dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        pass  # not safetensors: a torch checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"weight file {path} is neither safetensors nor a plain torch checkpoint ({type(exc).__name__}); "
+            "nothing in it was run"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise ConfigError(f"weight file {path} holds no tensors by name (a state dict)")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _matching(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `state` whose names and shapes match `own`; a kernel that differs only in input
+    channels (a mask channel, a grey-scale net) is adapted."""
     usable = {}
     for key, value in state.items():
         if key not in own:
@@ -140,10 +163,64 @@ def load_matching(model: nn.Module, path: Path) -> nn.Module:
             usable[key] = value
         elif value.ndim >= 3 and value.shape[0] == target[0] and value.shape[2:] == target[2:]:
             usable[key] = adapt_first_conv(value, target[1])
+    return usable
+
+
+def load_matching(model: nn.Module, path: Path) -> nn.Module:
+    """Loads the tensors of a local checkpoint whose names and shapes match (heads differ); see `_matching`."""
+    usable = _matching(model.state_dict(), read_weights(path)[0])
     if not usable:
         raise ConfigError(f"no tensor of {path} matches the model's layers: is it a checkpoint of this architecture?")
     model.load_state_dict(usable, strict=False)
     return model
+
+
+def load_encoder(encoder: nn.Module, state: dict, meta: dict, path: Path, name: str) -> nn.Module:
+    """Loads the encoder of an ovcf weight file (tensors named `net.*`: a `python -m ovcf.pretrain` file or a
+    classification checkpoint) into `encoder`, the network `name` builds; every tensor must fit, since a
+    half-loaded encoder would train as something neither pretrained nor from scratch.
+
+    Raises:
+        ConfigError: the file holds another network's encoder (it names the file and what it holds).
+    """
+    held = meta.get("model_name")
+    if held and held != name:
+        raise ConfigError(
+            f"weight file {path} holds a {held} encoder (written by python -m ovcf.pretrain model={held}); "
+            f"model={name} cannot load it: train with model={held}, or pretrain {name}"
+        )
+    own = encoder.state_dict()
+    usable = _matching(own, {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items() if k.startswith(ENCODER_PREFIX)})
+    missing = [key for key in own if key not in usable]
+    if missing:
+        raise ConfigError(
+            f"weight file {path} holds {'a ' + held if held else 'an ovcf'} encoder that does not fit model={name} "
+            f"as configured: {len(missing)} of its {len(own)} tensors are missing or of another shape "
+            f"(first: {missing[0]}); use the model and model_kwargs it was trained with"
+        )
+    encoder.load_state_dict(usable)
+    return encoder
+
+
+def register_encoder(name: str):
+    """Registers a classification network factory (as `register_model`) whose `weights` may also be an ovcf
+    file: the tensors named `net.*` (a `python -m ovcf.pretrain` file, or an `ovcf.train` checkpoint) load
+    into the whole network it builds (see `load_encoder`); any other file goes to the factory, which reads
+    it its own way (timm for 2D networks, `load_matching` for 3D ones)."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        @functools.wraps(factory)
+        def build(*args, weights: str | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
+            path = _weights_file(weights, pretrained)
+            state, meta = read_weights(path) if path is not None else ({}, {})
+            if not any(key.startswith(ENCODER_PREFIX) for key in state):
+                return factory(*args, weights=weights, pretrained=pretrained, **kwargs)
+            return load_encoder(factory(*args, **kwargs), state, meta, path, name)
+
+        register_model(name)(build)
+        return factory
+
+    return add
 
 
 def make_conv_stem(spatial_dims: int, in_channels: int, out_channels: int, patch_size: int, width: int = 24) -> nn.Sequential:
@@ -193,7 +270,7 @@ def _register_sagittal(
         return SagittalStack(net, n_slices, slice_step, cam(net))
 
     factory.__doc__ = doc
-    register_model(name)(factory)
+    register_encoder(name)(factory)
 
 
 _register_sagittal("densenet121", "densenet121", "timm DenseNet-121 on 2.5D sagittal slices.", dense_blocks)
@@ -252,7 +329,7 @@ class Features3d(nn.Module):
         return upsample_cube(raw, shape)
 
 
-@register_model("densenet121_3d")
+@register_encoder("densenet121_3d")
 def densenet121_3d(
     in_channels: int = 1,
     spatial_dims: int = 3,
@@ -304,7 +381,7 @@ class VGG3d(nn.Module):
         return upsample_cube(raw, shape)
 
 
-@register_model("vgg16_3d")
+@register_encoder("vgg16_3d")
 def vgg16_3d(in_channels: int = 1, width: float = 0.25, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """VGG-16 in 3D. `width` scales its channels (64..512): 1.0 is the paper's net (about 44 M
     parameters, slow on a CPU); 0.25 (16..128 channels) is the default."""
@@ -333,7 +410,7 @@ class ViT3d(nn.Module):
         return upsample_cube(raw, shape)
 
 
-@register_model("vit_3d")
+@register_encoder("vit_3d")
 def vit_3d(
     in_channels: int = 1,
     img_size: int = 48,
@@ -430,7 +507,7 @@ class SliceTransformer(nn.Module):
         return stacked.movedim(1, 1 + axis)
 
 
-@register_model("transformer")
+@register_encoder("transformer")
 def transformer(
     in_channels: int = 1,
     channels: tuple[int, ...] = (32, 64, 128),

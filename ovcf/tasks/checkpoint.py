@@ -63,10 +63,10 @@ def load_state(task: torch.nn.Module, state_dict: Mapping, source: Path, device:
     return task.to(device).eval()
 
 
-def save_weights(task: torch.nn.Module, path: Path) -> None:
-    """The task's weights as safetensors (shared tensors are stored once)."""
+def save_weights(task: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The task's weights as safetensors (shared tensors are stored once), with string `metadata` in its header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(task, str(path))
+    save_model(task, str(path), metadata=metadata)
 
 
 def load_weights(task: torch.nn.Module, path: Path, device: str = "cpu"):

@@ -12,15 +12,13 @@ cohort without sign labels still gets sign probabilities from the pretrained hea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from ovcf.cli import hydra_main, resolve_cohort
+from ovcf.cli import hydra_main, resolve_cohort, run_command
 from ovcf.contract import CLINICAL_CSV, SIGNS, SIGNS_COLUMN
 from ovcf.data.clinical import has_signs
 from ovcf.errors import ConfigError
@@ -67,9 +65,8 @@ def pretrain(cfg: DictConfig) -> Path:
         )
     run = Path(cfg.paths.output_dir)
     overrides = _overrides()
-    argv = [sys.executable, "-m", "ovcf.train", "--config-name", "pretrain", *overrides, f"hydra.run.dir={run / 'train'}"]
-    if subprocess.run(argv).returncode != 0:
-        raise ConfigError(f"the pretraining run failed (see above); its folder: {run / 'train'}")
+    run.mkdir(parents=True, exist_ok=True)
+    run_command(["ovcf.train", "--config-name", "pretrain", *overrides, f"hydra.run.dir={run / 'train'}"], run / "train.log")
     results = json.loads((run / "train" / "results.json").read_text())
     out = Path(cfg.pretrain.out).expanduser() if cfg.pretrain.out else run / f"{cfg.model.model_name}_signs.safetensors"
     export_pretrained(run / "train" / results["best_checkpoint"], out)

@@ -147,3 +147,12 @@ def test_default_augmentation_spans_scanners_and_scales():
 def test_unknown_transform_names_the_field():
     with pytest.raises(ConfigError, match=r"data\.augment\.RandomSharpness.*RandomKernel"):
         build_augment({"RandomSharpness": {}})
+
+
+def test_roi_bench_sees_a_wide_line_better_than_a_thin_one():
+    from ovcf.bench.roi import line_contrast
+    from ovcf.synth.scanner import Scanner
+
+    scanner = Scanner()  # center A's protocol: 0.8 mm pixels, 1 mm slices, a soft kernel
+    thin, wide = (line_contrast(scanner, 1.25, w, planes=4) for w in (0.8, 1.6))
+    assert 0.2 < thin < wide < 0.9  # the scanner's PSF and the ROI leave part of the line's contrast

@@ -40,7 +40,8 @@ class RandomKernel(RandomTransform, IntensityTransform):
     overshoot at edges, noise up). The in-plane and z sigmas are drawn apart (anisotropic PSF).
 
     Args:
-        gain: range `(a, b)` drawn uniformly; one number `d` means `(-d, d)`.
+        gain: range `(a, b)` drawn uniformly; one number `d` means `(-d, d)`. A draw below -1 acts
+            as -1, so an `augment_strength` above 1 makes plain blurs more frequent.
         sigma: in-plane Gaussian sigma range in ROI voxels.
         sigma_z: sigma range along z (axis 2); None: the in-plane draw (isotropic).
     """
@@ -48,14 +49,12 @@ class RandomKernel(RandomTransform, IntensityTransform):
     def __init__(self, gain=(-1.0, 0.8), sigma=(0.5, 1.5), sigma_z=None, **kwargs):
         super().__init__(**kwargs)
         self.gain_range = self._parse_range(gain, "gain")
-        if self.gain_range[0] < -1:
-            raise ConfigError(f"data.augment.RandomKernel.gain={gain}: use gains >= -1 (-1 is a plain blur)")
         self.sigma_range = self._parse_range(sigma, "sigma", min_constraint=0)
         self.sigma_z_range = None if sigma_z is None else self._parse_range(sigma_z, "sigma_z", min_constraint=0)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):
-            gain = self.sample_uniform(*self.gain_range)
+            gain = max(self.sample_uniform(*self.gain_range), -1.0)  # below -1 is no kernel: a plain blur
             sigma = self.sample_uniform(*self.sigma_range)
             sigma_z = sigma if self.sigma_z_range is None else self.sample_uniform(*self.sigma_z_range)
             if gain == 0 or sigma == sigma_z == 0:

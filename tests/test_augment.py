@@ -147,6 +147,10 @@ def test_default_augmentation_spans_scanners_and_scales():
 def test_unknown_transform_names_the_field():
     with pytest.raises(ConfigError, match=r"data\.augment\.RandomSharpness.*RandomKernel"):
         build_augment({"RandomSharpness": {}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomSliceThickness.*thickness"):
+        build_augment({"RandomSliceThickness": {"thickness": [5.0, 1.0]}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomHuOffset.*offset"):
+        build_augment({"RandomHuOffset": {"offset": 20}})
 
 
 def test_roi_bench_sees_a_wide_line_better_than_a_thin_one():

@@ -188,7 +188,10 @@ def build_augment(spec: dict | None):
                 f"data.augment.{name} is not a torchio transform (e.g. RandomFlip, RandomAffine, RandomNoise) "
                 f"nor one of {sorted(OURS)}"
             )
-        transforms.append(factory(**{"copy": False, **(kwargs or {})}))
+        try:
+            transforms.append(factory(**{"copy": False, **(kwargs or {})}))
+        except (TypeError, ValueError) as err:  # torchio's own checks of names and ranges
+            raise ConfigError(f"data.augment.{name}={kwargs}: {err}") from None
     return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
 
 

@@ -1,59 +1,162 @@
-"""Training augmentation: config names build torchio pipelines, and `RandomSharpen` acts as a sharp
-reconstruction kernel does (edges and noise up, mean kept), reproducibly under a seed."""
+"""Training augmentation: config names build torchio pipelines, and our scanner transforms (kernel,
+slice thickness, correlated noise, HU offset) do what a scanner does, in HU and mm, reproducibly
+under a seed."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchio as tio
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from ovcf.data.augment import RandomSharpen, build_augment, scale_augment
+from ovcf.data.augment import (
+    OURS,
+    RandomCorrelatedNoise,
+    RandomHuOffset,
+    RandomKernel,
+    RandomSliceThickness,
+    build_augment,
+    scale_augment,
+)
 from ovcf.errors import ConfigError
 
+WINDOW = (-250.0, 1250.0)  # the default data.hu_window: 1500 HU per unit
 
-def _cube(seed: int = 0) -> tio.Subject:
+
+def _cube(seed: int = 0, noise: float = 0.01) -> tio.Subject:
     """A bright ball in a noisy background (a body in soft tissue), on a 24^3 grid."""
     g = torch.Generator().manual_seed(seed)
     z, y, x = torch.meshgrid(*(torch.arange(24.0),) * 3, indexing="ij")
     ball = (((z - 12) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) < 49).float() * 0.5 + 0.2
-    return tio.Subject(image=tio.ScalarImage(tensor=(ball + 0.01 * torch.randn(24, 24, 24, generator=g))[None]))
+    return tio.Subject(image=tio.ScalarImage(tensor=(ball + noise * torch.randn(24, 24, 24, generator=g))[None]))
 
 
-def _roughness(t: torch.Tensor) -> float:
-    return float((t[..., 1:] - t[..., :-1]).abs().mean())
+def _flat(n: int = 32, value: float = 0.4) -> tio.Subject:
+    return tio.Subject(image=tio.ScalarImage(tensor=torch.full((1, n, n, n), value)))
 
 
-def test_sharpen_enhances_edges_and_keeps_the_mean():
-    before = _cube()["image"].data.clone()
-    after = RandomSharpen(amount=(0.8, 0.8), sigma=1.0)(_cube())["image"].data
-    assert _roughness(after) > 1.5 * _roughness(before)  # unsharp mask: edges and noise up
-    assert after.mean().item() == pytest.approx(before.mean().item(), abs=1e-3)
-    assert after.max() > before.max() and after.min() < before.min()  # overshoot at the ball's edge
-    assert torch.equal(RandomSharpen(amount=(0.0, 0.0))(_cube())["image"].data, before)  # gain 0: unchanged
+def _edge(t: torch.Tensor, dim: int = 1) -> float:
+    """Edge sharpness: the largest step between neighbours along `dim` (1: x, 3: z)."""
+    return float(torch.diff(t, dim=dim).abs().max())
 
 
-def test_sharpen_follows_the_seed():
+def _correlation_length(noise: torch.Tensor) -> int:
+    """The first lag (voxels, along x) at which the noise's autocorrelation falls below 0.5."""
+    n = noise[0] - noise[0].mean()
+    for lag in range(1, n.shape[-1] // 2):
+        if float((n[..., lag:] * n[..., :-lag]).mean() / n.var(unbiased=False)) < 0.5:
+            return lag
+    return n.shape[-1] // 2
+
+
+NEW = {
+    "RandomKernel": {"gain": [-1.0, 0.8], "sigma": [0.4, 1.2], "sigma_z": [0.4, 1.6]},
+    "RandomSliceThickness": {"thickness": [1.0, 5.0], "spacing": 1.25},
+    "RandomCorrelatedNoise": {"hu": [5.0, 30.0], "grain": [0.3, 2.0], "hu_window": WINDOW},
+    "RandomHuOffset": {"hu": [-20.0, 20.0], "hu_window": WINDOW},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_scanner_transforms_follow_the_seed(name):
+    assert set(NEW) == set(OURS)
+
     def draw(seed):
         torch.manual_seed(seed)
-        return RandomSharpen(amount=0.8)(_cube())["image"].data
+        return OURS[name](**NEW[name])(_cube())["image"].data
 
     assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
 
 
-def test_scanner_augmentation_builds_and_scales():
-    spec = OmegaConf.to_container(compose_cfg("train", ["data/augment=scanners"]).data.augment, resolve=True)
-    assert spec["RandomSharpen"]["amount"] == [0.0, 0.8] and spec["RandomNoise"]["mean"] == [-0.01, 0.01]
-    names = [type(t).__name__ for t in build_augment(spec).transforms]
-    assert names[-1] == "RandomSharpen" and "RandomFlip" in names
+def test_hu_offset_shifts_the_mean_by_the_drawn_hu():
+    before = _cube()["image"].data.mean().item()
+    fixed = RandomHuOffset(hu=(15.0, 15.0), hu_window=WINDOW)(_cube())["image"].data.mean().item()
+    assert fixed - before == pytest.approx(15.0 / 1500, abs=1e-6)
+    wide = RandomHuOffset(hu=(15.0, 15.0), hu_window=(-1000, 1000))(_cube())["image"].data.mean().item()
+    assert wide - before == pytest.approx(15.0 / 2000, abs=1e-6)  # the window converts HU
+    shifts = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        shifts.append((RandomHuOffset(hu=20.0, hu_window=WINDOW)(_cube())["image"].data.mean().item() - before) * 1500)
+    assert max(np.abs(shifts)) <= 20.0 + 1e-3 and min(shifts) < -5 and max(shifts) > 5
+    with pytest.raises(ConfigError, match="hu_window"):
+        RandomHuOffset(hu_window=(100, -100))
+
+
+def test_kernel_blurs_or_sharpens_and_keeps_the_mean():
+    before = _cube(noise=0.0)["image"].data
+    soft = RandomKernel(gain=(-1.0, -1.0), sigma=(1.0, 1.0))(_cube(noise=0.0))["image"].data
+    sharp = RandomKernel(gain=(0.8, 0.8), sigma=(1.0, 1.0))(_cube(noise=0.0))["image"].data
+    assert _edge(soft) < 0.7 * _edge(before) < 0.7 * _edge(sharp)
+    assert sharp.max() > before.max() and sharp.min() < before.min()  # overshoot at the ball's edge
+    for after in (soft, sharp):
+        assert after.mean().item() == pytest.approx(before.mean().item(), abs=1e-3)
+    # Anisotropic: a z-only kernel leaves in-plane edges alone.
+    z_only = RandomKernel(gain=(-1.0, -1.0), sigma=(0.0, 0.0), sigma_z=(1.5, 1.5))(_cube(noise=0.0))["image"].data
+    assert _edge(z_only) == pytest.approx(_edge(before), rel=0.05)
+    assert _edge(z_only, dim=3) < 0.7 * _edge(before, dim=3)
+    assert torch.equal(RandomKernel(gain=(0.0, 0.0))(_cube())["image"].data, _cube()["image"].data)
+    harder = RandomKernel(gain=(-3.0, -2.0), sigma=(1.0, 1.0))(_cube(noise=0.0))["image"].data
+    assert torch.equal(harder, soft)  # augment_strength > 1 pushes gains below -1: still a plain blur
+
+
+def test_correlated_noise_has_the_requested_sd_and_grain():
+    sub = {}
+    for grain in (0.3, 2.0):
+        torch.manual_seed(0)
+        noise = RandomCorrelatedNoise(hu=(30.0, 30.0), grain=(grain, grain), hu_window=WINDOW)(_flat())["image"].data - 0.4
+        assert noise.std().item() * 1500 == pytest.approx(30.0, rel=0.02)
+        assert abs(noise.mean().item()) * 1500 < 1.0  # no offset: the band-pass has no DC
+        sub[grain] = _correlation_length(noise)
+    assert sub[0.3] == 1 and sub[2.0] >= 3  # fine grain vs blotches
+
+
+def test_thick_slices_hide_a_thin_axial_line_but_not_an_in_plane_one():
+    data = torch.full((1, 32, 32, 32), 0.4)
+    data[:, :, :, 16] = 0.2  # a 1-voxel line across z
+    data[:, 16, :, :] = 0.2  # a 1-voxel line along z
+    out = RandomSliceThickness(thickness=(5.0, 5.0), spacing=1.25)(tio.Subject(image=tio.ScalarImage(tensor=data)))
+    out = out["image"].data
+    depth = 0.4 - out[0, 4, 4, 14:19].min().item()  # the axial line, far from the other
+    assert 0.02 < depth < 0.2 * 0.5  # averaged over 4 voxels: at most about a quarter of its 0.2 depth
+    assert out[0, 16, 4, 4].item() == pytest.approx(0.2, abs=1e-5)  # the line along z keeps its contrast
+    thin = RandomSliceThickness(thickness=(1.0, 1.25), spacing=1.25)(tio.Subject(image=tio.ScalarImage(tensor=data)))
+    assert torch.equal(thin["image"].data, data)  # at or below the ROI spacing: unchanged
+
+
+def test_default_augmentation_spans_scanners_and_scales():
+    spec = OmegaConf.to_container(compose_cfg("train", ["data.hu_window=[-1000,1000]"]).data.augment, resolve=True)
+    assert set(OURS) <= set(spec) and "RandomFlip" in spec
+    assert spec["RandomHuOffset"]["hu_window"] == [-1000, 1000]  # filled from data.hu_window
+    assert spec["RandomSliceThickness"]["spacing"] == 1.25  # from data.roi_spacing
     double = scale_augment(spec, 2.0)
-    assert double["RandomSharpen"]["amount"] == pytest.approx([0.0, 1.6])
-    assert double["RandomNoise"]["mean"] == pytest.approx([-0.02, 0.02])
+    assert double["RandomKernel"]["gain"] == pytest.approx([-2.0, 1.6])
+    assert double["RandomCorrelatedNoise"]["hu"] == pytest.approx([0.0, 60.0])
+    assert double["RandomHuOffset"]["hu"] == pytest.approx([-40.0, 40.0])
+    assert double["RandomSliceThickness"]["thickness"] == pytest.approx([2.0, 10.0])
+    assert double["RandomCorrelatedNoise"]["grain"] == spec["RandomCorrelatedNoise"]["grain"]  # a texture, not a magnitude
+    torch.manual_seed(0)
     out = build_augment(spec)(_cube())["image"].data
     assert out.shape == (1, 24, 24, 24) and torch.isfinite(out).all()
+    basic = OmegaConf.to_container(compose_cfg("train", ["data/augment=basic"]).data.augment, resolve=True)
+    assert "RandomNoise" in basic and not set(OURS) & set(basic)  # torchio's names still work
 
 
 def test_unknown_transform_names_the_field():
-    with pytest.raises(ConfigError, match=r"data\.augment\.RandomSharpness.*RandomSharpen"):
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomSharpness.*RandomKernel"):
         build_augment({"RandomSharpness": {}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomSliceThickness.*thickness"):
+        build_augment({"RandomSliceThickness": {"thickness": [5.0, 1.0]}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomHuOffset.*offset"):
+        build_augment({"RandomHuOffset": {"offset": 20}})
+
+
+def test_roi_bench_sees_a_wide_line_better_than_a_thin_one():
+    from ovcf.bench.roi import line_contrast
+    from ovcf.synth.scanner import Scanner
+
+    scanner = Scanner()  # center A's protocol: 0.8 mm pixels, 1 mm slices, a soft kernel
+    thin, wide = (line_contrast(scanner, 1.25, w, planes=4) for w in (0.8, 1.6))
+    assert 0.2 < thin < wide < 0.9  # the scanner's PSF and the ROI leave part of the line's contrast

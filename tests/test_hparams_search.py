@@ -45,9 +45,9 @@ def test_augment_strength_scales_magnitudes():
     assert double["RandomFlip"] == spec["RandomFlip"]
     assert double["RandomAffine"]["degrees"] == 2 * spec["RandomAffine"]["degrees"]
     assert double["RandomAffine"]["scales"] == pytest.approx(2 * spec["RandomAffine"]["scales"])
-    assert double["RandomNoise"]["std"] == pytest.approx([2 * v for v in spec["RandomNoise"]["std"]])
-    lo, hi = spec["RandomAnisotropy"]["downsampling"]
-    assert double["RandomAnisotropy"]["downsampling"] == pytest.approx([1 + 2 * (lo - 1), 1 + 2 * (hi - 1)])
+    assert double["RandomCorrelatedNoise"]["hu"] == pytest.approx([2 * v for v in spec["RandomCorrelatedNoise"]["hu"]])
+    lo, hi = scale_augment({"RandomAnisotropy": {"downsampling": [1.0, 1.8]}}, 2.0)["RandomAnisotropy"]["downsampling"]
+    assert (lo, hi) == pytest.approx((1.0, 2.6))  # the part above 1 scales
     half = scale_augment({"RandomAffine": {"scales": [0.9, 1.2]}}, 0.5)
     assert half["RandomAffine"]["scales"] == pytest.approx([0.95, 1.1])  # a range of factors shrinks towards 1
     with pytest.raises(Exception, match="augment_strength"):

@@ -1,12 +1,17 @@
-"""Training augmentation: torchio transforms named in config, plus what torchio lacks.
+"""Training augmentation: torchio transforms named in config, plus the scanner effects torchio lacks.
 
-CT from another scanner differs from ours in noise, slice thickness, calibration and the
-reconstruction kernel: soft kernels blur (torchio's `RandomBlur`), sharp bone kernels enhance
-edges and noise, which torchio has no transform for, hence `RandomSharpen`.
+A CT of the same vertebra from another scanner differs in its reconstruction kernel (soft kernels
+blur, sharp bone kernels overshoot at edges), its slice thickness (partial volume along z), the
+texture of its noise (the kernel shapes the noise power spectrum: fine grain or blotches) and its
+HU calibration. The default pipeline (`conf/data/augment/default.yaml`) draws each of these per
+sample so that a classifier cannot tell scanners (or phantom makers) apart by them. The
+transforms see windowed [0, 1] intensities; those that speak HU take the window (`hu_window`) and
+those that speak mm take the ROI spacing (`spacing`), which the config fills from `data`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torchio as tio
 from scipy import ndimage
@@ -15,37 +20,164 @@ from torchio.transforms.augmentation import RandomTransform
 
 from ovcf.errors import ConfigError
 
+Z = 2  # the ROI cube's superior axis (X, Y, Z in RAS): the scan's slice direction
 
-class RandomSharpen(RandomTransform, IntensityTransform):
-    """Unsharp masking with a random gain, as a sharp (bone) reconstruction kernel does:
-    `image + gain * (image - gaussian(image, sigma))`.
+
+def _hu_per_unit(hu_window) -> float:
+    """HU per unit of the windowed [0, 1] intensity: the window's width."""
+    lo, hi = (float(v) for v in hu_window)
+    if hi <= lo:
+        raise ConfigError(f"data.hu_window={list(hu_window)}: the upper HU must exceed the lower")
+    return hi - lo
+
+
+class RandomKernel(RandomTransform, IntensityTransform):
+    """A reconstruction kernel's modulation transfer function, drawn per sample:
+    `image + gain * (image - gaussian(image, sigma))`, i.e. MTF(f) = 1 + gain * (1 - G(f)).
+
+    A negative gain is a soft kernel (-1: a plain Gaussian blur of `sigma`, between: high
+    frequencies kept in part), a positive one a sharp bone kernel (high frequencies boosted,
+    overshoot at edges, noise up). The in-plane and z sigmas are drawn apart (anisotropic PSF).
 
     Args:
-        amount: gain range `(a, b)`, drawn uniformly; one number `d` means `(0, d)`.
-        sigma: the Gaussian's standard deviation in voxels (the scale of enhanced edges).
+        gain: range `(a, b)` drawn uniformly; one number `d` means `(-d, d)`. A draw below -1 acts
+            as -1, so an `augment_strength` above 1 makes plain blurs more frequent.
+        sigma: in-plane Gaussian sigma range in ROI voxels.
+        sigma_z: sigma range along z (axis 2); None: the in-plane draw (isotropic).
     """
 
-    def __init__(self, amount: float | tuple[float, float] = (0.0, 0.6), sigma: float = 1.0, **kwargs):
+    def __init__(self, gain=(-1.0, 0.8), sigma=(0.5, 1.5), sigma_z=None, **kwargs):
         super().__init__(**kwargs)
-        self.amount_range = self._parse_range(amount, "amount", min_constraint=0)
-        self.sigma = float(sigma)
+        self.gain_range = self._parse_range(gain, "gain")
+        self.sigma_range = self._parse_range(sigma, "sigma", min_constraint=0)
+        self.sigma_z_range = None if sigma_z is None else self._parse_range(sigma_z, "sigma_z", min_constraint=0)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):
-            gain = self.sample_uniform(*self.amount_range)
-            if gain == 0:
+            gain = max(self.sample_uniform(*self.gain_range), -1.0)  # below -1 is no kernel: a plain blur
+            sigma = self.sample_uniform(*self.sigma_range)
+            sigma_z = sigma if self.sigma_z_range is None else self.sample_uniform(*self.sigma_z_range)
+            if gain == 0 or sigma == sigma_z == 0:
                 continue
             data = image.data.numpy()
-            smooth = ndimage.gaussian_filter(data, (0, *(self.sigma,) * (data.ndim - 1)))
+            smooth = ndimage.gaussian_filter(data, (0, sigma, sigma, sigma_z))
             image.set_data(torch.from_numpy(data + gain * (data - smooth)).to(image.data.dtype))
         return subject
 
 
-OURS = {"RandomSharpen": RandomSharpen}
+def _lerp(data: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """`data` linearly interpolated at fractional `positions` along `axis` (clamped at the ends)."""
+    n = data.shape[axis]
+    positions = np.clip(positions, 0, n - 1)
+    lo = np.floor(positions).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * data.ndim
+    shape[axis] = len(positions)
+    frac = (positions - lo).reshape(shape)
+    return np.take(data, lo, axis) * (1 - frac) + np.take(data, hi, axis) * frac
+
+
+class RandomSliceThickness(RandomTransform, IntensityTransform):
+    """Thick slices: each slice averages `thickness` mm along z (a box slice profile: partial
+    volume, which hides a thin line crossing it), slices lie `thickness` apart at a random phase,
+    and the cube is linearly interpolated back to its grid, as a thick series resampled to the
+    ROI would be. A thickness at or below the ROI spacing changes nothing.
+
+    Args:
+        thickness: range in mm, drawn uniformly; one number `d` means `(0, d)`.
+        spacing: the ROI's voxel spacing in mm (`data.roi_spacing`).
+    """
+
+    def __init__(self, thickness=(1.0, 5.0), spacing: float = 1.25, **kwargs):
+        super().__init__(**kwargs)
+        self.thickness_range = self._parse_range(thickness, "thickness", min_constraint=0)
+        if float(spacing) <= 0:
+            raise ConfigError(f"data.augment.RandomSliceThickness.spacing={spacing}: use the ROI spacing in mm (> 0)")
+        self.spacing = float(spacing)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            width = self.sample_uniform(*self.thickness_range) / self.spacing  # in ROI voxels
+            phase = self.sample_uniform(0.0, 1.0)
+            if width <= 1:
+                continue
+            data = image.data.numpy()
+            reach = int(np.ceil(width / 2))
+            k = np.arange(-reach, reach + 1)
+            box = np.clip(np.minimum(k + 0.5, width / 2) - np.maximum(k - 0.5, -width / 2), 0, None)  # voxel overlap
+            thick = ndimage.convolve1d(data, box / box.sum(), axis=1 + Z, mode="nearest")
+            n = data.shape[1 + Z]
+            centres = (phase + np.arange(-1, int(np.ceil(n / width)) + 1)) * width - 0.5  # slice centres, voxels
+            slices = _lerp(thick, centres, 1 + Z)
+            out = _lerp(slices, (np.arange(n) + 0.5) / width - phase + 1, 1 + Z)  # back to the grid
+            image.set_data(torch.from_numpy(np.ascontiguousarray(out)).to(image.data.dtype))
+        return subject
+
+
+class RandomCorrelatedNoise(RandomTransform, IntensityTransform):
+    """CT noise of a random texture: white noise filtered by the band-pass `|f| * exp(-2 pi^2
+    grain^2 |f|^2)` (the ramp filter of filtered back-projection times a kernel's apodisation),
+    scaled to an SD of `hu`. A small `grain` peaks at high frequencies (fine grain, sharp
+    kernels), a large one at low frequencies (blotches, soft kernels or iterative reconstruction).
+
+    Args:
+        hu: noise SD range in HU, drawn uniformly; one number `d` means `(0, d)`.
+        grain: apodisation sigma range in ROI voxels; the spectrum peaks at 1 / (2 pi grain) cycles/voxel.
+        hu_window: the HU window the intensities were mapped from (`data.hu_window`).
+    """
+
+    def __init__(self, hu=(0.0, 30.0), grain=(0.3, 2.0), hu_window=(-250.0, 1250.0), **kwargs):
+        super().__init__(**kwargs)
+        self.hu_range = self._parse_range(hu, "hu", min_constraint=0)
+        self.grain_range = self._parse_range(grain, "grain", min_constraint=0)
+        self.hu_per_unit = _hu_per_unit(hu_window)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            sd = self.sample_uniform(*self.hu_range)
+            grain = self.sample_uniform(*self.grain_range)
+            if sd == 0:
+                continue
+            data = image.data
+            noise = correlated_noise(data.shape, grain, torch.randn(data.shape))
+            image.set_data(data + (noise * (sd / self.hu_per_unit)).to(data.dtype))
+        return subject
+
+
+def correlated_noise(shape, grain: float, white: torch.Tensor) -> torch.Tensor:
+    """`white` (C, X, Y, Z) filtered per channel by the band-pass of `RandomCorrelatedNoise`, unit SD."""
+    freqs = [torch.fft.fftfreq(n) for n in shape[1:-1]] + [torch.fft.rfftfreq(shape[-1])]
+    f2 = sum(f.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, f in enumerate(freqs))
+    spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * grain**2 * f2)
+    noise = torch.fft.irfftn(torch.fft.rfftn(white, dim=(1, 2, 3)) * spectrum, s=shape[1:], dim=(1, 2, 3))
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+
+class RandomHuOffset(RandomTransform, IntensityTransform):
+    """A calibration offset: every voxel shifted by the same HU, drawn per sample.
+
+    Args:
+        hu: offset range in HU, drawn uniformly; one number `d` means `(-d, d)`.
+        hu_window: the HU window the intensities were mapped from (`data.hu_window`).
+    """
+
+    def __init__(self, hu=(-20.0, 20.0), hu_window=(-250.0, 1250.0), **kwargs):
+        super().__init__(**kwargs)
+        self.hu_range = self._parse_range(hu, "hu")
+        self.hu_per_unit = _hu_per_unit(hu_window)
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            offset = self.sample_uniform(*self.hu_range)
+            image.set_data(image.data + offset / self.hu_per_unit)
+        return subject
+
+
+OURS = {cls.__name__: cls for cls in (RandomKernel, RandomSliceThickness, RandomCorrelatedNoise, RandomHuOffset)}
 
 
 def build_augment(spec: dict | None):
-    """A torchio pipeline from `{TransformName: kwargs}` (torchio's names, or `RandomSharpen`), or None when empty."""
+    """A torchio pipeline from `{TransformName: kwargs}` (torchio's names, or ours in `OURS`), or None when empty."""
     if not spec:
         return None
     transforms = []
@@ -56,7 +188,10 @@ def build_augment(spec: dict | None):
                 f"data.augment.{name} is not a torchio transform (e.g. RandomFlip, RandomAffine, RandomNoise) "
                 f"nor one of {sorted(OURS)}"
             )
-        transforms.append(factory(**{"copy": False, **(kwargs or {})}))
+        try:
+            transforms.append(factory(**{"copy": False, **(kwargs or {})}))
+        except (TypeError, ValueError) as err:  # torchio's own checks of names and ranges
+            raise ConfigError(f"data.augment.{name}={kwargs}: {err}") from None
     return tio.Compose(transforms, copy=False)  # each sample is cloned into a fresh Subject instead
 
 
@@ -69,7 +204,10 @@ STRENGTH_SCALED = {
     "RandomBiasField": {"coefficients": "linear"},
     "RandomNoise": {"mean": "linear", "std": "linear"},
     "RandomAnisotropy": {"downsampling": "above_one"},
-    "RandomSharpen": {"amount": "linear"},
+    "RandomKernel": {"gain": "linear"},
+    "RandomSliceThickness": {"thickness": "linear"},  # at or below the ROI spacing: no change
+    "RandomCorrelatedNoise": {"hu": "linear"},
+    "RandomHuOffset": {"hu": "linear"},
 }
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,20 +25,6 @@ from ovcf.models import create_model
 from ovcf.tasks import ClassificationTask
 
 TINY = {"channels": [8, 16], "dim": 32, "max_slices": 16}  # a slice transformer small enough for a unit test
-
-
-def with_signs(cohort: Path, out: Path) -> Path:
-    """A copy of a synthetic cohort whose clinical.csv carries the `signs` column, from its synth.json."""
-    shutil.copytree(cohort, out)
-    truth = json.loads((out / "synth.json").read_text())["patients"]
-    signs = {(f["patient_id"], f["level"]): ";".join(sorted(f["signs"])) for p in truth for f in p["fractures"]}
-    with open(out / "clinical.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    with open(out / "clinical.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "signs"])
-        writer.writeheader()
-        writer.writerows(r | {"signs": signs.get((r["patient_id"], r["level"]), "?")} for r in rows)
-    return out
 
 
 def test_ingest_carries_the_signs_column_and_refuses_an_unknown_sign(tmp_path):
@@ -127,9 +110,8 @@ def test_sign_heads_learn_a_visible_sign():
 
 
 def test_pretrain_writes_weights_that_finetuning_and_predict_use(tiny_cohort, cli_env, tmp_path):
-    cohort = with_signs(tiny_cohort, tmp_path / "signed")
     out = tmp_path / "pre.safetensors"
-    args = ["debug=smoke", f"data.cohort={cohort}", "data.roi_size=32", "data.val_fraction=0.5", "data.progress=false"]
+    args = ["debug=smoke", f"data.cohort={tiny_cohort}", "data.roi_size=32", "data.val_fraction=0.5", "data.progress=false"]
     args += ["model=transformer", "trainer.max_epochs=1", f"pretrain.out={out}", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run_cli("ovcf.pretrain", args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -17,8 +18,9 @@ from ovcf.tasks import ClassificationTask
 
 
 def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli("ovcf.train", ["debug=smoke", f"hydra.run.dir={run}"], cli_env, tmp_path)
+    run = tmp_path / "transfer" / "train_classic_round_box"  # also the training run of the transfer below
+    args = ["debug=smoke", "synthetic.style_mix=[classic,round,box]", f"hydra.run.dir={run}"]
+    proc = run_cli("ovcf.train", args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "External test (center B" in proc.stdout
     results = json.loads((run / "results.json").read_text())
@@ -49,6 +51,22 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     assert [r["switched_off"] for r in table] == ["none", "impaction_band"]
     assert float(table[0]["auroc"]) == pytest.approx(results["test"]["auroc"], abs=1e-3)
     assert int(table[0]["rows"]) == results["n"]["test"]
+
+    # Leave-one-style-out finds its training run finished (resume) and scores the style it never saw.
+    args = ["debug=smoke", f"out={tmp_path / 'transfer'}", "train_styles=[classic,round,box]", "signs=[impaction_band]"]
+    proc = run_cli("ovcf.transfer", [*args, "progress=false"], cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Finished before" in proc.stdout
+    summary = list(csv.DictReader(open(tmp_path / "transfer" / "transfer.csv")))
+    assert [(r["held_out"], r["trained_on"]) for r in summary] == [("plate", "classic+round+box")]
+    assert float(summary[0]["in_style_auroc"]) == pytest.approx(results["test"]["auroc"], abs=1e-3)
+    assert 0 <= float(summary[0]["held_out_auroc"]) <= 1 and int(summary[0]["held_out_rows"]) > 0
+    ablation = list(csv.DictReader(open(tmp_path / "transfer" / "ablation.csv")))
+    assert [(r["held_out"], r["switched_off"]) for r in ablation] == [("plate", "impaction_band")]
+    rendered = [json.loads(f.read_text()) for f in (Path(cli_env["OVCF_DATA_DIR"]) / "synthetic").glob("*/synth.json")]
+    held_out = [c for c in rendered if c["parameters"]["style_mix"] == ["plate"]]
+    assert len(held_out) == 2, "center B in the held-out style, whole and without the impaction band"
+    assert {p["style"]["name"] for c in held_out for p in c["patients"]} == {"plate"}
 
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker

@@ -80,6 +80,24 @@ def hydra_main(config_name: str, fn: Callable[[DictConfig], object]) -> Callable
     return main
 
 
+def job_overrides() -> list[str]:
+    """The command-line overrides of this job (what tells sweep runs apart), or none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def debug_choice() -> str | None:
+    """The `debug=` option this command was started with (a config group, so not a plain key): commands
+    that run others pass it on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("debug")
+
+
 def device(choice: str) -> str:
     """`auto`: CUDA when a GPU is visible, else the CPU; anything else as given (cpu, cuda, cuda:1)."""
     if choice != "auto":

@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from ovcf.cli import hydra_main, resolve_cohort, run_command
+from ovcf.cli import hydra_main, job_overrides, resolve_cohort, run_command
 from ovcf.contract import CLINICAL_CSV, SIGNS, SIGNS_COLUMN
 from ovcf.data.clinical import has_signs
 from ovcf.errors import ConfigError
@@ -48,13 +47,6 @@ def export_pretrained(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def _overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
 def pretrain(cfg: DictConfig) -> Path:
     """Trains (a subprocess of `ovcf.train`, so the training run is exactly a train run) and exports; returns the file."""
     resolve_cohort(cfg)  # the synthetic cohort is generated here on first use; the train run reuses it
@@ -64,7 +56,7 @@ def pretrain(cfg: DictConfig) -> Path:
             "(the synthetic cohort has them; regenerate it if it predates them)"
         )
     run = Path(cfg.paths.output_dir)
-    overrides = _overrides()
+    overrides = job_overrides()
     run.mkdir(parents=True, exist_ok=True)
     run_command(["ovcf.train", "--config-name", "pretrain", *overrides, f"hydra.run.dir={run / 'train'}"], run / "train.log")
     results = json.loads((run / "train" / "results.json").read_text())

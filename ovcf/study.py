@@ -21,11 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.atomic import write_json
-from ovcf.cli import CommandError, hydra_main, run_command
+from ovcf.cli import CommandError, debug_choice, hydra_main, run_command
 from ovcf.errors import ConfigError
 from ovcf.eval.leaderboard import collect, rows
 from ovcf.eval.report import versions
@@ -68,11 +67,6 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
             *cfg.evaluate_overrides,
         ],
     }  # fmt: skip
-
-
-def debug_choice() -> str | None:
-    """The `debug=` option this study was started with (a config group, so not a plain key)."""
-    return HydraConfig.get().runtime.choices.get("debug")
 
 
 def best_run(sweep: Path, metric: str) -> tuple[Path, dict]:

@@ -18,12 +18,11 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.atomic import write_json
-from ovcf.cli import hydra_main, resolve_cohort
+from ovcf.cli import hydra_main, job_overrides, resolve_cohort
 from ovcf.data.ingest import cache_fingerprint
 from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError
@@ -56,14 +55,6 @@ def summary(results: dict) -> str:
         f"AUROC {t['auroc']:.3f}, sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}, "
         f"accuracy {t['accuracy']:.3f}  |  val AUROC {v['auroc']:.3f}"
     )
-
-
-def _overrides() -> list[str]:
-    """The command-line overrides of this job (what tells sweep runs apart), or none outside Hydra."""
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
 
 
 def train(cfg: DictConfig) -> float:
@@ -180,7 +171,7 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
     results = {
         "task": cfg.task,
         "model": cfg.model.model_name,
-        "overrides": _overrides(),
+        "overrides": job_overrides(),
         "val": _strip(val, "val"),
         "test": _strip(test, "test") if external else None,
         "centers": datamodule.centers,

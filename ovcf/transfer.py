@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ovcf.ablation import ablation_table, check_variants
 from ovcf.atomic import write_csv, write_text
-from ovcf.cli import device, hydra_main, run_command
+from ovcf.cli import debug_choice, device, hydra_main, run_command
 from ovcf.errors import ConfigError
 from ovcf.inference.models import load_classifier
 from ovcf.inference.runs import run_members
@@ -49,7 +48,7 @@ def plan(cfg: DictConfig) -> list[tuple[list[str], list[str]]]:
 
 def train_run(cfg: DictConfig, styles: list[str], folder: Path) -> dict:
     """Trains the recipe on a cohort of `styles` into `folder` (skipped when finished before)."""
-    debug = HydraConfig.get().runtime.choices.get("debug")
+    debug = debug_choice()
     argv = [
         "ovcf.train", f"synthetic.style_mix=[{','.join(styles)}]", f"hydra.run.dir={folder}", "resume=true",
         f"seed={cfg.seed}", *([f"debug={debug}"] if debug else []), *cfg.overrides,

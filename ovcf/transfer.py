@@ -29,8 +29,8 @@ from ovcf.inference.runs import run_members
 
 def plan(cfg: DictConfig) -> list[tuple[list[str], list[str]]]:
     """(training styles, held-out styles) of each training run."""
-    mix = list(cfg.synthetic.style_mix)
-    known = set(cfg.synthetic.styles)
+    mix = list(cfg.synthetic.styles)  # every style the generator knows
+    known = set(mix)
     asked = list(cfg.styles) if cfg.styles else mix
     for field, names in (("styles", asked), ("train_styles", list(cfg.train_styles or []))):
         unknown = [s for s in names if s not in known]
@@ -42,7 +42,7 @@ def plan(cfg: DictConfig) -> list[tuple[list[str], list[str]]]:
             raise ConfigError(f"train_styles={list(cfg.train_styles)} leaves no style of {asked} to score")
         return [(list(cfg.train_styles), held)]
     if len(mix) < 2:
-        raise ConfigError(f"synthetic.style_mix={mix}: leave-one-style-out needs at least two styles")
+        raise ConfigError(f"synthetic.styles holds {mix}: leave-one-style-out needs at least two styles")
     return [([s for s in mix if s != style], [style]) for style in asked]
 
 

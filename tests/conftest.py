@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ovcf.cli import config_dir
+from ovcf.data.pseudonym import load_key
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
@@ -32,6 +35,28 @@ def synthetic_params(name: str = "default", **override) -> dict:
     return params
 
 
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, built by `build(folder)` once per test run and shared by every xdist worker.
+
+    Whichever worker asks first builds it under a file lock; the others wait, then reuse it. So the
+    session's cohort and smoke study are made once however pytest spreads the tests over workers
+    (no reliance on `--dist loadgroup`). A build that failed, or was cut off, is redone by the next
+    worker that asks (and fails there too, with its own message).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder under xdist
+    folder = shared / name
+    with FileLock(f"{folder}.lock"):
+        if not (shared / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (shared / f"{name}.built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_key_folder(tmp_path_factory):
     """Pseudonym keys of the tests go to a temporary config folder, never to the user's ~/.config or key."""
@@ -47,14 +72,16 @@ def tiny_cohort(tmp_path_factory) -> Path:
     """Four patients per center, five levels each; generated once per test session."""
     from ovcf.synth.cohort import generate_cohort
 
-    out = tmp_path_factory.mktemp("tiny_cohort")
-    return generate_cohort(out, num_workers=2, progress=False, **synthetic_params(patients_per_center=4, n_levels=[5, 5]))
+    def build(out: Path) -> None:
+        generate_cohort(out, num_workers=2, progress=False, **synthetic_params(patients_per_center=4, n_levels=[5, 5]))
+
+    return build_once(tmp_path_factory, "tiny_cohort", build)
 
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory, private_key_folder) -> dict:
     """Environment for `python -m ovcf.*` runs: a shared test cache and pseudonym key, W&B disabled."""
-    root = tmp_path_factory.mktemp("cli")
+    root = build_once(tmp_path_factory, "cli", lambda root: load_key(root / "pseudonym.key"))  # one key for all workers
     return {
         **os.environ,
         "WANDB_MODE": "disabled",
@@ -120,8 +147,13 @@ def plant_phi(src: Path, dst: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def phi_cohort(tmp_path_factory, tiny_cohort) -> tuple[Path, dict]:
     """The tiny cohort with PHI planted everywhere (see `plant_phi`), and the planted values."""
-    cohort = tmp_path_factory.mktemp("phi") / "export"
-    return cohort, plant_phi(tiny_cohort, cohort)
+    import json
+
+    def build(folder: Path) -> None:
+        (folder / "secrets.json").write_text(json.dumps(plant_phi(tiny_cohort, folder / "export")))
+
+    folder = build_once(tmp_path_factory, "phi", build)
+    return folder / "export", json.loads((folder / "secrets.json").read_text())
 
 
 STUDY_MODELS = {"segmenters": ["unet", "unetr_pp"], "classifiers": ["densenet121", "densenet121_3d"]}
@@ -153,11 +185,17 @@ def smoke_study(tmp_path_factory, cli_env, phi_cohort):
     Tests of each stage read its folder; the privacy test searches all of it."""
     from types import SimpleNamespace
 
-    root = tmp_path_factory.mktemp("study")
-    env = {**cli_env, "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb")}
-    proc = run_cli("ovcf.study", study_args(phi_cohort[0], root / "study"), env, root, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return SimpleNamespace(folder=root / "study", root=root, env=env, output=proc.stdout + proc.stderr, secrets=phi_cohort[1])
+    def env(root: Path) -> dict:
+        return {**cli_env, "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb")}
+
+    def build(root: Path) -> None:
+        proc = run_cli("ovcf.study", study_args(phi_cohort[0], root / "study"), env(root), root, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (root / "output.txt").write_text(proc.stdout + proc.stderr)
+
+    root = build_once(tmp_path_factory, "study", build)
+    output = (root / "output.txt").read_text()
+    return SimpleNamespace(folder=root / "study", root=root, env=env(root), output=output, secrets=phi_cohort[1])
 
 
 @pytest.fixture(scope="session")

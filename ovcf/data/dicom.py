@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID
 
+from ovcf.data import decoders
 from ovcf.data.rawdicom import RawHeader, read_raw_header
 
 # unreadable: a DICOM file whose header cannot be read (damaged, cut short), or any file that cannot be opened
@@ -32,6 +33,7 @@ UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1
 LOSSY_8BIT = {"1.2.840.10008.1.2.4.50"}  # JPEG baseline: 8 bits cannot hold HU
 # JPEG extended, JPEG-LS near-lossless, JPEG 2000 and HTJ2K (lossy variants): decodable, HU approximate
 LOSSY = {"1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+decoders.register()  # 12-bit JPEG Extended through GDCM: the permissive decoders lack it otherwise
 
 
 @dataclass
@@ -299,6 +301,9 @@ def read_frames(path: str) -> tuple[np.ndarray, object]:
     ds = pydicom.dcmread(path, force=True)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise ValueError("the file has no pixel data")
+    plugin = decoders.plugin_for(ds)
+    if plugin:
+        ds.pixel_array_options(decoding_plugin=plugin)
     stored = ds.pixel_array
     frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
     return (stored if frames > 1 else stored[None]), ds

@@ -46,6 +46,8 @@ def summary(module: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return f"(not in this installation: no module {module})"
+    if not spec.origin.endswith(".py"):
+        return ""  # compiled only: no source to read the line from
     doc = ""
     with tokenize.open(spec.origin) as fh:
         for token in tokenize.generate_tokens(fh.readline):

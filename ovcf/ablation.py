@@ -9,6 +9,7 @@ the same? Each rendering is generated once into the data folder and reused.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from ovcf.inference.models import score
 from ovcf.inference.runs import cohort_dataset
 from ovcf.synth.anatomy import ablation_cues
 from ovcf.synth.cohort import generate_cohort, synthetic_folder
+
+log = logging.getLogger(__name__)
 
 
 def check_variants(synthetic: dict, signs) -> list[str]:
@@ -36,7 +39,7 @@ def render(synthetic: dict, center: str, variant: str, data_dir: Path, workers: 
     params = synthetic | {"render_centers": [center], "plant": None, "ablate": [] if variant == "none" else [variant]}
     folder = synthetic_folder(Path(data_dir), params)
     if not (folder / "synth.json").exists():
-        print(f"Rendering center {center}" + (f" without {variant}" if variant != "none" else ""))
+        log.info(f"Rendering center {center}" + (f" without {variant}" if variant != "none" else ""))
         generate_cohort(folder, num_workers=workers, progress=progress, report=False, **params)
     return folder
 
@@ -79,5 +82,5 @@ def ablation_table(
                 "fractures_with_sign": "" if variant in ("none", "collapse") else with_cue,
             }
         )
-        print(f"{variant:>22}: AUROC {auroc:.3f} (drop {baseline - auroc:+.3f}, {len(dataset.rows)} rows)")
+        log.info(f"{variant:>22}: AUROC {auroc:.3f} (drop {baseline - auroc:+.3f}, {len(dataset.rows)} rows)")
     return table

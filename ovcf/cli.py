@@ -1,23 +1,34 @@
-"""What every `python -m ovcf.X` entry point shares: the config folder, the Hydra tail, one-line
-errors, the device choice and the cohort to read.
+"""What every ovcf command (`ovcf X`, `ovcf-X`, `python -m ovcf.X`) shares: the config folder, the Hydra
+tail, one-line errors, the console, the device choice and the cohort to read.
 
 Hydra reports an unknown config option (`model=foo`) with a long listing and a traceback hint,
 and wraps errors raised inside `instantiate`; users get instead one line that names the problem
 and the fix, and exit status 2.
+
+Messages go through `logging` (each module's `log = logging.getLogger(__name__)`); only commands
+set it up, never the library. Hydra does so per job with `conf/hydra/job_logging/ovcf.yaml`: the
+console shows plain lines as `print` would (`warning: ` and `error: ` prefixes), the run folder's
+`<job>.log` keeps them with time and level, and both drop records of DDP processes other than rank
+zero, which run the same code. Importing this module stays cheap (Hydra, OmegaConf and the
+generator load when used), so the `ovcf` dispatcher can report its errors through `fail`.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from typing import TYPE_CHECKING
 
 from ovcf.errors import OvcfError
-from ovcf.synth.cohort import synthetic_cohort
+from ovcf.parallel import process_rank
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def config_dir() -> str:
@@ -27,8 +38,58 @@ def config_dir() -> str:
 
 
 def fail(message: str) -> None:
+    """Exits with status 2 and `error: message` on stderr; printed, not logged: it also ends commands
+    before their logging is set up (a bad override, an unknown subcommand)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+class RankZeroFilter(logging.Filter):
+    """Passes the records of the process of rank zero only: every DDP process runs the same command,
+    and one copy of each message is enough. The rank is read per record (Lightning sets it when the
+    strategy starts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return process_rank() == 0
+
+
+class ConsoleFormatter(logging.Formatter):
+    """A message as a plain line, as `print` wrote it: `warning: ` before warnings, `error: ` before
+    errors (as `fail` writes them), no time or level (the job's log file has those)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console of a command: stdout, errors on stderr, rank zero only.
+
+    The stream is looked up per record, not kept from setup, so output redirected later (pytest's
+    capture, `contextlib.redirect_stdout`) still receives it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(ConsoleFormatter())
+        self.addFilter(RankZeroFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.ERROR else sys.stdout
+        super().emit(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The console of `ConsoleHandler` on the root logger, for commands that Hydra does not start
+    (benchmarks) and for code that calls a command's function directly (tests, notebooks); Hydra's
+    commands get it, and the log file, from `conf/hydra/job_logging/ovcf.yaml`. Calling it again
+    replaces the handler, so messages never print twice."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(ConsoleHandler())
+    root.setLevel(level)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -64,8 +125,9 @@ def guarded(fn: Callable, *args, **kwargs):
 
 def hydra_main(config_name: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
     """The `main()` of an entry point: checks `group=option` overrides, composes `conf/<config_name>.yaml`
-    with the command line, and runs `fn(cfg)` with one-line errors; returns what `fn` returns (the
-    optimized metric, for Hydra's sweepers)."""
+    with the command line, and runs `fn(cfg)` with one-line errors; the task returns what `fn` returns
+    (the optimized metric, for Hydra's sweepers), `main()` returns None (a console script exits 0)."""
+    import hydra
 
     def task(cfg: DictConfig):
         return guarded(fn, cfg)
@@ -114,6 +176,10 @@ def resolve_cohort(cfg: DictConfig) -> None:
     The entry point decides this, not the data module, so reading data never starts the
     generator. With a user's cohort, `data.synthetic` becomes null: the run records no generator.
     """
+    from omegaconf import OmegaConf, open_dict
+
+    from ovcf.synth.cohort import synthetic_cohort  # the generator's imports only for a command that reads data
+
     data = cfg.data
     with open_dict(data):
         if data.cohort is not None:
@@ -132,7 +198,7 @@ def run_command(argv: list[str], log: Path) -> None:
 
     Commands that chain others (the study, leave-one-style-out) run each as its own process, as a
     user would type it, so no entry point imports another."""
-    print("$ python -m " + " ".join(argv), flush=True)
+    log.info("$ python -m " + " ".join(argv))
     with open(log, "a") as fh:
         proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:

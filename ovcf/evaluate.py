@@ -13,6 +13,7 @@ the run's external center.
 from __future__ import annotations
 
 import json
+import logging
 
 from omegaconf import DictConfig
 
@@ -22,6 +23,8 @@ from ovcf.eval.external import Scoring
 from ovcf.eval.metrics import buderer_sample_size
 from ovcf.inference.validation import evaluate
 
+log = logging.getLogger(__name__)
+
 
 def sample_size(cfg: DictConfig) -> dict:
     try:
@@ -29,7 +32,7 @@ def sample_size(cfg: DictConfig) -> dict:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     i = n["inputs"]
-    print(
+    log.info(
         f"Buderer (1996): sensitivity {i['sensitivity']} and specificity {i['specificity']} to +-{i['error']} "
         f"at {100 * (1 - i['alpha']):g}% confidence, prevalence {i['prevalence']}:\n"
         f"  {n['acute']} acute + {n['chronic']} chronic, {n['total']} fractures in all "
@@ -58,9 +61,9 @@ def run(cfg: DictConfig):
         wandb_mode=cfg.wandb,
         segmentation=cfg.segmentation,
     )
-    print((out / "metrics.md").read_text())
-    print(f"Report: {out / 'report.html'}")
-    print(f"Evaluation: {out} (metrics.json, predictions.csv, roc.png, confusion_*.png, calibration.png, gradcam/)")
+    log.info((out / "metrics.md").read_text())
+    log.info(f"Report: {out / 'report.html'}")
+    log.info(f"Evaluation: {out} (metrics.json, predictions.csv, roc.png, confusion_*.png, calibration.png, gradcam/)")
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -11,6 +11,7 @@ system=DIR` loads with no Hydra run folder around it. With `evaluation=`, the th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,6 +19,8 @@ from omegaconf import DictConfig
 from ovcf.cli import device, hydra_main
 from ovcf.errors import ConfigError
 from ovcf.inference.system import METADATA, export_system
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -37,9 +40,9 @@ def run(cfg: DictConfig) -> Path:
         progress=cfg.progress,
     )
     meta = json.loads((out / METADATA).read_text())
-    print(f"System {meta['version']}: threshold {meta['threshold']:.4f} ({meta['threshold_rule']})")
-    print(f"Exported: {out}")
-    print(f"Use it: python -m ovcf.predict system={out} input=DICOM_DIR output=OUT_DIR")
+    log.info(f"System {meta['version']}: threshold {meta['threshold']:.4f} ({meta['threshold_rule']})")
+    log.info(f"Exported: {out}")
+    log.info(f"Use it: python -m ovcf.predict system={out} input=DICOM_DIR output=OUT_DIR")
     return out
 
 

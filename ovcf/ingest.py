@@ -7,11 +7,14 @@ team look at what their export yields (who is excluded and why) before training 
 from __future__ import annotations
 
 import json
+import logging
 
 import hydra
 from omegaconf import DictConfig
 
 from ovcf.cli import hydra_main, resolve_cohort
+
+log = logging.getLogger(__name__)
 
 
 def ingest(cfg: DictConfig) -> dict:
@@ -20,17 +23,17 @@ def ingest(cfg: DictConfig) -> dict:
     dm.prepare_data()
     flow = json.loads((dm.cache / "flow.json").read_text())
     t = flow["totals"]
-    print(f"{t['received']} rows of {t['patients']} patients: {t['included']} included, {t['excluded']} excluded")
+    log.info(f"{t['received']} rows of {t['patients']} patients: {t['included']} included, {t['excluded']} excluded")
     for reason, n in t["excluded_by_reason"].items():
-        print(f"  excluded, {reason}: {n}")
+        log.info(f"  excluded, {reason}: {n}")
     for center, c in t["included_by_center"].items():
-        print(f"  included, center {center}: {c['acute']} acute, {c['chronic']} chronic ({c['patients']} patients)")
+        log.info(f"  included, center {center}: {c['acute']} acute, {c['chronic']} chronic ({c['patients']} patients)")
     for flag, n in t.get("flagged", {}).items():
-        print(f"  flagged, {flag}: {n}")
+        log.info(f"  flagged, {flag}: {n}")
     splits = dm.make_splits()
-    print(f"Flow report: {dm.cache / 'flow.md'} (also flow.json, flow.png)")
+    log.info(f"Flow report: {dm.cache / 'flow.md'} (also flow.json, flow.png)")
     test = f"test center {splits['external_center']}" if splits["external_center"] is not None else "no external center"
-    print(f"Splits ({splits['n_folds']} folds of center {splits['dev_center']}; {test}): {dm.cache / 'splits.json'}")
+    log.info(f"Splits ({splits['n_folds']} folds of center {splits['dev_center']}; {test}): {dm.cache / 'splits.json'}")
     return flow
 
 

@@ -1,9 +1,11 @@
-"""Process pools for per-patient work (phantom rendering, DICOM ingest), and the progress bar.
+"""Process pools for per-patient work (phantom rendering, DICOM ingest), the progress bar, and which
+process of a distributed run this is.
 
 Workers start from a fresh interpreter (forkserver): forking a process whose torch/OpenMP
 threads are running can deadlock the child. Each worker keeps to one thread so that N workers
 use N cores, and ends when the process that started the pool dies (a killed ingest leaves no
-worker running). The bar is rich's, and also works in CI logs (no TTY) or switched off.
+worker running). The bar is rich's, and also works in CI logs (no TTY) or switched off; only the
+process of rank zero draws it (each DDP process runs the same code).
 """
 
 from __future__ import annotations
@@ -22,16 +24,33 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 T = TypeVar("T")
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # Lightning's order (SLURM's last)
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run, 0 outside one.
+
+    Read when asked, not at import: Lightning sets `rank_zero_only.rank` when a strategy starts (so
+    `ddp_spawn` workers know theirs only then); before that, or without Lightning loaded, the
+    variables a launcher sets (Lightning's DDP children get `LOCAL_RANK`, SLURM tasks
+    `SLURM_PROCID`) say it, as Lightning itself reads them. Looking into `sys.modules` keeps the
+    console and the CLI helpers from importing Lightning.
+    """
+    rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
+    rank = getattr(getattr(rank_zero, "rank_zero_only", None), "rank", None)
+    if rank is None:
+        rank = next((os.environ[key] for key in RANK_VARIABLES if key in os.environ), 0)
+    return int(rank)
 
 
 def track(items: Iterable[T], total: int, description: str, enabled: bool = True) -> Iterator[T]:
-    """Yields `items`, drawing a bar with count and elapsed time when `enabled`."""
-    if not enabled:
+    """Yields `items`, drawing a bar with count and elapsed time when `enabled` (on rank zero only)."""
+    if not enabled or process_rank() != 0:
         yield from items
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # only to draw
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total)

@@ -12,6 +12,7 @@ cohort without sign labels still gets sign probabilities from the pretrained hea
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,6 +24,8 @@ from ovcf.data.clinical import has_signs
 from ovcf.errors import ConfigError
 from ovcf.inference.models import load_classifier
 from ovcf.tasks.checkpoint import save_weights
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ovcf-pretrain"
 ROI_KEYS = ("roi_size", "roi_spacing", "roi_margin", "hu_window", "in_channels")
@@ -62,8 +65,8 @@ def pretrain(cfg: DictConfig) -> Path:
     results = json.loads((run / "train" / "results.json").read_text())
     out = Path(cfg.pretrain.out).expanduser() if cfg.pretrain.out else run / f"{cfg.model.model_name}_signs.safetensors"
     export_pretrained(run / "train" / results["best_checkpoint"], out)
-    print(f"Pretrained weights (encoder and sign heads): {out}")
-    print(f"Fine-tune on your cohort: {finetune_command(cfg.model.model_name, overrides, out)}")
+    log.info(f"Pretrained weights (encoder and sign heads): {out}")
+    log.info(f"Fine-tune on your cohort: {finetune_command(cfg.model.model_name, overrides, out)}")
     return out
 
 

@@ -12,6 +12,7 @@ grid; with `reference=MASK.nii.gz` (VerSe ids on the same grid) it also prints t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,8 @@ from ovcf.errors import ConfigError
 from ovcf.eval.metrics import dice, label_dice, matched_dice
 from ovcf.inference.models import load_segmenter, segment_ct, segment_volume, to_ct_grid
 from ovcf.parallel import track
+
+log = logging.getLogger(__name__)
 
 NAMES = {verse: level for level, verse in LEVEL_IDS.items()}
 
@@ -57,7 +60,7 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
         "series": None if choice.series is None else choice.series.name,
         "notes": choice.notes,
     }
-    print(f"Levels found: {', '.join(assignment.levels) or 'none'} ({'anchored' if assignment.anchored else 'not anchored'})")
+    log.info(f"Levels found: {', '.join(assignment.levels) or 'none'} ({'anchored' if assignment.anchored else 'not anchored'})")
     if cfg.get("reference"):
         truth = mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), canon, "reference")
         result["dice"] = _named(label_dice(labels, truth))
@@ -66,13 +69,13 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
         result["matched_dice"] = _named(matched_dice(labels, truth))
         matched = result["matched_dice"]
         result["mean_matched_dice"] = float(np.mean(list(matched.values()))) if matched else float("nan")
-        print("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
-        print(
+        log.info("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
+        log.info(
             f"Mean Dice {result['mean_dice']:.3f}; each body against its best-overlapping prediction, whatever its "
             f"level: {result['mean_matched_dice']:.3f}; all bodies as one mask: {result['body_dice']:.3f}"
         )
     write_json(out / f"{stem}_levels.json", result, indent=2)
-    print(f"Mask: {target}")
+    log.info(f"Mask: {target}")
     return result
 
 
@@ -126,10 +129,10 @@ def segment_cohort(cfg: DictConfig, task, settings: dict) -> dict:
         )
     write_csv(out / "segment.csv", rows, ["pseudonym", "center", "levels", "anchored", "missing", "note"])
     for line in warnings:
-        print(f"warning: {line}")
+        log.warning(line)
     done = sum(1 for r in rows if not r["note"])
-    print(f"{done} of {len(rows)} patients segmented; {len(warnings)} lack a named fractured level. Masks: {out}")
-    print(f"Train a classifier on them: python -m ovcf.train data.roi_source=predicted data.predicted_masks={out}")
+    log.info(f"{done} of {len(rows)} patients segmented; {len(warnings)} lack a named fractured level. Masks: {out}")
+    log.info(f"Train a classifier on them: python -m ovcf.train data.roi_source=predicted data.predicted_masks={out}")
     return {"patients": len(rows), "segmented": done, "warnings": warnings, "out": str(out)}
 
 

@@ -11,6 +11,7 @@ Writes `sign_ablation.csv` and `.md` into the output folder.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,6 +21,8 @@ from ovcf.atomic import write_csv, write_text
 from ovcf.cli import device, hydra_main
 from ovcf.errors import ConfigError
 from ovcf.inference.models import load_classifier
+
+log = logging.getLogger(__name__)
 
 
 def ablate(cfg: DictConfig) -> Path:
@@ -46,7 +49,7 @@ def ablate(cfg: DictConfig) -> Path:
         ),
     ]
     write_text(out / "sign_ablation.md", "\n".join(lines) + "\n")
-    print(f"Sign ablation: {out / 'sign_ablation.md'}")
+    log.info(f"Sign ablation: {out / 'sign_ablation.md'}")
     return out
 
 

@@ -59,13 +59,14 @@ def sbatch_script(overrides: list[str]) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dryrun")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
     check_overrides(argv)
-    print(sbatch_script([a for a in argv if a != "-m"]))
+    print(sbatch_script([a for a in argv if a != "-m"]))  # the script is the output (stdout), not a message
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -17,6 +17,7 @@ the one cut off continues from its `last.ckpt` (`resume=true`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from ovcf.errors import ConfigError
 from ovcf.eval.leaderboard import collect, rows
 from ovcf.eval.report import versions
 from ovcf.inference.system import export_system
+
+log = logging.getLogger(__name__)
 
 STAGES = ("segmentation", "masks", "classification", "evaluation", "system")
 SETTINGS = ("seed", "overrides", "segmentation_overrides", "classification_overrides")  # with the model lists
@@ -114,16 +117,16 @@ def study(cfg: DictConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(folder, cfg)
     manifest.save()
-    print(f"Study folder: {folder}")
+    log.info(f"Study folder: {folder}")
     chosen = manifest.data["chosen"]
     if cfg.stop_after is not None and cfg.stop_after not in STAGES:
         raise ConfigError(f"stop_after={cfg.stop_after}: choose one of {', '.join(STAGES)}")
     stages = STAGES[: STAGES.index(cfg.stop_after) + 1] if cfg.stop_after else STAGES
     for stage in stages:
         if manifest.done(stage):
-            print(f"[{stage}] done before, skipped")
+            log.info(f"[{stage}] done before, skipped")
             continue
-        print(f"[{stage}] starting", flush=True)
+        log.info(f"[{stage}] starting")
         start = time.time()
         segmenter = Path(chosen["segmenter"]["checkpoint"]) if "segmenter" in chosen else None
         if stage == "system":
@@ -154,12 +157,12 @@ def study(cfg: DictConfig) -> Path:
             }
         manifest.data["stages"][stage] = {"status": "done", "seconds": round(time.time() - start, 1)}
         manifest.save()
-        print(f"[{stage}] done in {time.time() - start:.0f} s", flush=True)
+        log.info(f"[{stage}] done in {time.time() - start:.0f} s")
     if len(stages) < len(STAGES):
-        print(f"Stopped after {cfg.stop_after} (stop_after); the same command without it goes on")
+        log.info(f"Stopped after {cfg.stop_after} (stop_after); the same command without it goes on")
         return folder
     seconds = sum(s["seconds"] for s in manifest.data["stages"].values())
-    print(
+    log.info(
         f"Chosen: segmenter {chosen['segmenter']['model']} (val Dice {chosen['segmenter']['val_dice']:.3f}), classifier "
         f"{chosen['classifier']['model']} (val AUROC {chosen['classifier']['val_auroc']:.3f}); {seconds / 60:.1f} min\n"
         f"Report: {folder / 'report.html'}\nSystem: {folder / 'system'} (python -m ovcf.predict input=DICOM_DIR output=OUT)"

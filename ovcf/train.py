@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from ovcf.eval.metrics import binary_scores
 from ovcf.eval.predictions import write_predictions
 from ovcf.models.registry import model_task
 from ovcf.tasks.checkpoint import read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _strip(metrics: dict, prefix: str) -> dict:
@@ -70,7 +73,7 @@ def train(cfg: DictConfig) -> float:
         results = cross_validate(cfg, folds)
     else:
         results = fit_and_test(cfg, Path(cfg.paths.output_dir))
-    print(f"{summary(results)}\nResults: {Path(cfg.paths.output_dir) / 'results.json'}")
+    log.info(f"{summary(results)}\nResults: {Path(cfg.paths.output_dir) / 'results.json'}")
     return results["val"][cfg.optimized_metric.removeprefix("val/")]
 
 
@@ -79,7 +82,7 @@ def finished(cfg: DictConfig, out: Path) -> dict | None:
     path = out / "results.json"
     if not cfg.get("resume") or not path.is_file():
         return None
-    print(f"Finished before: {path} (resume=true skips it)")
+    log.info(f"Finished before: {path} (resume=true skips it)")
     return json.loads(path.read_text())
 
 
@@ -94,7 +97,7 @@ def resume_from(cfg: DictConfig, out: Path) -> str | None:
         last = out / "checkpoints" / "last.ckpt"
         path = str(last) if last.is_file() else None
         if path:
-            print(f"Resuming from {last}")
+            log.info(f"Resuming from {last}")
     if path:
         if not Path(path).expanduser().is_file():
             raise ConfigError(f"ckpt_path={path} not found; pass a checkpoint of an earlier ovcf.train run")
@@ -150,7 +153,7 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None) -> d
 
     datamodule.prepare_data()
     datamodule.setup("fit")
-    print(datamodule.summary())
+    log.info(datamodule.summary())
     fit_model = model
     if cfg.get("compile"):
         fit_model = torch.compile(model)  # Lightning saves the plain module's weights
@@ -226,7 +229,7 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
         return done
     runs = []
     for k in range(folds):
-        print(f"Fold {k + 1} of {folds}")
+        log.info(f"Fold {k + 1} of {folds}")
         runs.append(fit_and_test(_member_cfg(cfg, out / f"fold_{k}", folds, k), out / f"fold_{k}"))
     external = runs[0]["centers"]["external"] is not None
     if mode == "refit":
@@ -253,7 +256,7 @@ def cross_validate(cfg: DictConfig, folds: int) -> dict:
         write_predictions(out / "test_predictions.csv", predictions)
     sd = results["val_sd"]["auroc"]
     test_line = f"test = {CV_TEST[mode]}" if external else "no external test"
-    print(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; {test_line}")
+    log.info(f"Cross-validation ({folds} folds): val AUROC {results['val']['auroc']:.3f} +- {sd:.3f}; {test_line}")
     return results
 
 
@@ -294,7 +297,7 @@ def refit(cfg: DictConfig, out: Path, folds: int, runs: list[dict]) -> tuple[dic
     with open_dict(refit_cfg):
         if "model_checkpoint" in (refit_cfg.get("callbacks") or {}):
             refit_cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor: keep the last epoch
-    print(f"Refit on every development patient: epochs 1 to {stop + 1} (the folds' best epochs: {[e + 1 for e in epochs]})")
+    log.info(f"Refit on every development patient: epochs 1 to {stop + 1} (the folds' best epochs: {[e + 1 for e in epochs]})")
     result = fit_and_test(refit_cfg, out / "refit", stop_epoch=stop)
     rows = None  # a one-center cohort: nothing to test
     if result["test"] is not None:

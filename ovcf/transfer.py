@@ -15,6 +15,7 @@ per style and cue) into `logs/transfer/<name>`.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -25,6 +26,8 @@ from ovcf.cli import debug_choice, device, hydra_main, run_command
 from ovcf.errors import ConfigError
 from ovcf.inference.models import load_classifier
 from ovcf.inference.runs import run_members
+
+log = logging.getLogger(__name__)
 
 
 def plan(cfg: DictConfig) -> list[tuple[list[str], list[str]]]:
@@ -75,7 +78,7 @@ def transfer(cfg: DictConfig) -> Path:
         center = cfg.center or data.get("external_center") or sorted(synthetic["centers"])[1]
         variants = check_variants(synthetic, cfg.signs) if cfg.ablation else []
         for style in held_out:
-            print(f"Held-out style {style}: model trained on {', '.join(train_styles)}")
+            log.info(f"Held-out style {style}: model trained on {', '.join(train_styles)}")
             styled = synthetic | {"style_mix": [style]}
             table = ablation_table(tasks, data, styled, center, variants, Path(cfg.paths.data_dir), cfg.workers, cfg.progress)
             summary.append(
@@ -127,8 +130,8 @@ def write_report(out: Path, summary: list[dict], ablation: list[dict], center: s
             *(f"| {cue} | " + " | ".join(f"{drop[(s, cue)]:+.3f}" for s in styles) + " |" for cue in cues),
         ]
     write_text(out / "transfer.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"Leave-one-style-out: {out / 'transfer.md'}")
+    log.info("\n".join(lines))
+    log.info(f"Leave-one-style-out: {out / 'transfer.md'}")
 
 
 main = hydra_main("transfer", transfer)

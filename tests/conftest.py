@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir
+from ovcf.cli import ConsoleHandler, config_dir, setup_logging
 from ovcf.data.pseudonym import load_key
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -55,6 +56,19 @@ def build_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
             build(folder)
             (shared / f"{name}.built").touch()
     return folder
+
+
+@pytest.fixture(autouse=True)
+def console():
+    """The console every command sets up (`ovcf.cli.setup_logging`): a test that calls a command's
+    function directly reads its messages on stdout, as a user of the command would."""
+    root = logging.getLogger()
+    level = root.level
+    setup_logging()
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,11 @@ PACKAGE = Path(ovcf.__file__).parent
 ENTRY_POINTS = {
     "ovcf.train", "ovcf.ingest", "ovcf.segment", "ovcf.evaluate", "ovcf.study", "ovcf.predict", "ovcf.export",
     "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
+    "ovcf.__main__",
 }  # fmt: skip
+# ovcf.__main__ is the `ovcf <command>` dispatcher: an entry point that starts the others, so the rule
+# binds it too. It names them as strings (runpy, by name, when chosen), which this check does not
+# count as imports: that is the point, `ovcf --help` loads none of them.
 # What each folder may import besides itself and the shared root modules (contract, errors, parallel).
 ALLOWED = {
     "synth": set(),
@@ -83,3 +87,19 @@ def test_folders_import_only_downwards():
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
 
     assert [u for u in edges if reaches(u, u, set())] == []
+
+
+def test_only_the_cli_sets_up_logging():
+    """The library logs (`logging.getLogger(__name__)`) and never adds handlers or configures logging:
+    commands do, through ovcf.cli (Hydra's job_logging, or `setup_logging`), so a message prints once."""
+    setup = ("basicConfig", "dictConfig", "fileConfig", "addHandler")
+    calls = {
+        name: sorted({node.func.attr for node in ast.walk(ast.parse(path.read_text())) if _calls(node, setup)})
+        for name, path in _modules().items()
+        if name != "ovcf.cli"
+    }
+    assert {name: found for name, found in calls.items() if found} == {}
+
+
+def _calls(node: ast.AST, names: tuple[str, ...]) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names

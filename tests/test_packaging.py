@@ -1,4 +1,5 @@
-"""The configs ship inside the wheel, so `python -m ovcf.train` works from a pip install too."""
+"""The configs ship inside the wheel, so `python -m ovcf.train` works from a pip install too, and so
+do the `ovcf` and `ovcf-<command>` scripts."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def test_wheel_carries_the_configs(tmp_path):
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site)}
     )
     assert out.stdout.split() == [str(site / "ovcf" / "conf"), "True"], out.stderr[-2000:]
+
+    scripts = {p.name for p in (site / "bin").iterdir()}
+    assert {"ovcf", "ovcf-train", "ovcf-sign-ablation", "ovcf-bench"} <= scripts, sorted(scripts)
+    env = {"PYTHONPATH": str(site)}
+    listing = subprocess.run([str(site / "bin" / "ovcf"), "--help"], capture_output=True, text=True, env=env)
+    assert listing.returncode == 0 and "sign-ablation" in listing.stdout, listing.stderr[-2000:]
+    slurm = subprocess.run([str(site / "bin" / "ovcf"), "slurm", "--help"], capture_output=True, text=True, env=env)
+    assert slurm.returncode == 0 and "sbatch script" in slurm.stdout, slurm.stderr[-2000:]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,12 +29,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir
+from ovcf.cli import config_dir, setup_logging
 from ovcf.contract import DICOM_DIR
 from ovcf.data.dicom import list_files
 from ovcf.data.ingest import ingest, read_index
 from ovcf.data.roi import RoiSpec
 from ovcf.synth.cohort import generate_cohort
+
+log = logging.getLogger(__name__)
 
 REOPEN_TARGET_S = 5.0  # cached re-open, for the 40-patient cohort
 REOPEN_TARGET_PATIENTS = 40
@@ -69,7 +72,7 @@ def ensure_cohort(out: Path, patients: int, workers: int) -> Path:
         made_with = json.loads(truth.read_text()).get("parameters")
         if made_with == json.loads(json.dumps(params, default=float)):
             return cohort
-        print(f"{cohort} was generated with other parameters; regenerating")
+        log.info(f"{cohort} was generated with other parameters; regenerating")
         shutil.rmtree(cohort)
     return generate_cohort(cohort, num_workers=workers, progress=True, **params)
 
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="cohort and results folder (default $OVCF_DATA_DIR/bench-ingest)")
     parser.add_argument("--keep", action="store_true", help="keep the cache written by the cold ingest")
     args = parser.parse_args(argv)
+    setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
     out = (args.out or default_out()).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -182,10 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         "cache": str(cache) if args.keep else None,
     }
     (out / "bench_ingest.json").write_text(json.dumps(results, indent=1))
-    print(f"{patients} patients, {len(files)} slices, {args.workers} workers ({os.cpu_count()} CPUs), cohort {cohort}")
-    print(report(results))
+    log.info(f"{patients} patients, {len(files)} slices, {args.workers} workers ({os.cpu_count()} CPUs), cohort {cohort}")
+    log.info(report(results))
     if args.keep:
-        print(f"cache kept in {cache}")
+        log.info(f"cache kept in {cache}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ positions. Its noise is measured apart, as the SD of the ROI of noise alone.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from functools import partial
 
@@ -20,13 +21,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir
+from ovcf.cli import config_dir, setup_logging
 from ovcf.data.roi import RoiSpec, cut_roi
 from ovcf.data.volume import Volume
 from ovcf.models import list_models
 from ovcf.synth.phantom import Grid
 from ovcf.synth.scanner import Scanner, acquire
 from ovcf.tasks import ClassificationTask
+
+log = logging.getLogger(__name__)
 
 CANCELLOUS_HU, LINE_HU = 120.0, 40.0  # osteoporotic cancellous bone; the line holds blood (the phantom's tissues)
 FIELD_MM = 40.0  # side of the scanned block around the line
@@ -107,32 +110,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
+    setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         centers = OmegaConf.to_container(compose("synth").centers, resolve=True)
     widths = [float(w) for w in args.widths.split(",")]
-    print("line contrast (share of the true 80 HU seen on the nearest ROI voxels) and ROI noise SD")
-    print(f"{'center':<8}{'spacing':>8}" + "".join(f"{f'{w} mm':>9}" for w in widths) + f"{'noise HU':>10}")
+    log.info("line contrast (share of the true 80 HU seen on the nearest ROI voxels) and ROI noise SD")
+    log.info(f"{'center':<8}{'spacing':>8}" + "".join(f"{f'{w} mm':>9}" for w in widths) + f"{'noise HU':>10}")
     for name, protocol in centers.items():
         scanner = Scanner(**protocol)
         for spacing in (float(s) for s in args.spacings.split(",")):
             shares = [line_contrast(scanner, spacing, w) for w in widths]
             cells = "".join(f"{s:9.2f}" for s in shares)
-            print(f"{name:<8}{spacing:8.2f}{cells}{roi_noise(scanner, spacing):10.1f}", flush=True)
+            log.info(f"{name:<8}{spacing:8.2f}{cells}{roi_noise(scanner, spacing):10.1f}")
     if not args.sizes:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     models = list_models("classification") if args.models == "all" else args.models.split(",")
-    print(f"\nseconds per training step, batch {args.batch_size}, {torch.get_num_threads()} CPU threads (factor vs {sizes[0]})")
-    print(f"{'model':<16}" + "".join(f"{s:>16}" for s in sizes))
+    log.info(
+        f"\nseconds per training step, batch {args.batch_size}, {torch.get_num_threads()} CPU threads (factor vs {sizes[0]})"
+    )
+    log.info(f"{'model':<16}" + "".join(f"{s:>16}" for s in sizes))
     for model in models:
         seconds = []
         for size in sizes:
             try:
                 seconds.append(step_seconds(model, size, args.batch_size, args.steps))
             except Exception as err:  # a size the architecture cannot take: say so, go on
-                print(f"{model} at {size}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                log.info(f"{model} at {size}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
                 seconds.append(float("nan"))
-        print(f"{model:<16}" + "".join(f"{s:9.2f} ({s / seconds[0]:.2f}x)" for s in seconds), flush=True)
+        log.info(f"{model:<16}" + "".join(f"{s:9.2f} ({s / seconds[0]:.2f}x)" for s in seconds))
 
 
 if __name__ == "__main__":

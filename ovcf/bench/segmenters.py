@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir
+from ovcf.cli import config_dir, setup_logging
 from ovcf.models import umamba
 from ovcf.tasks import SegmentationTask
+
+log = logging.getLogger(__name__)
 
 MODELS = ("unet", "unetr_pp", "umamba")
 
@@ -70,14 +73,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
+    setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
     kernel = umamba._kernel_scan is not None and args.device.startswith("cuda")
-    print(f"device {args.device}; mamba_ssm CUDA kernel: {'used' if kernel else 'absent (pure-PyTorch selective scan)'}")
+    log.info(f"device {args.device}; mamba_ssm CUDA kernel: {'used' if kernel else 'absent (pure-PyTorch selective scan)'}")
     rows = []
     for name in args.models:
         for precision in args.precision:
             row = step_rate(name, args.device, precision, args.batch, args.steps, args.patch)
             rows.append(row)
-            print(
+            log.info(
                 f"{name:>9} {precision:>4}: {row['s_per_step']:.4f} s/step, {row['patches_per_s']:.1f} patches/s "
                 f"(batch {row['batch']} x {row['patch']}, {row['params_m']} M params)"
             )

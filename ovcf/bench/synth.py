@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
 from ovcf.bench.ingest import synthetic_params
+from ovcf.cli import setup_logging
 from ovcf.synth.cohort import difficulty_summary, generate_cohort
+
+log = logging.getLogger(__name__)
 
 TARGET_S = 180.0
 TARGET_PATIENTS = 40
@@ -29,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering patients")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OVCF_DATA_DIR", "data")) / "bench-synth")
     args = parser.parse_args(argv)
+    setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
 
     cohort = args.out / "cohort"
     if cohort.exists():
@@ -49,13 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_external_auc": report["external_auc"],
         "fractures": report["fractures"],
     }
-    print(
+    log.info(
         f"\nGenerated {patients} patients with {args.workers} workers in {seconds:.1f} s "
         f"({seconds / patients:.2f} s/patient; target {result['target_s']:.0f} s)"
     )
-    print(difficulty_summary(cohort))
+    log.info(difficulty_summary(cohort))
     (args.out / "bench_synth.json").write_text(json.dumps(result, indent=1))
-    print(f"Results: {(args.out / 'bench_synth.json').resolve()}")
+    log.info(f"Results: {(args.out / 'bench_synth.json').resolve()}")
     return result
 
 

@@ -8,6 +8,7 @@ the DataModule and the metrics cost per sample.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import hydra
@@ -16,10 +17,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ovcf.cli import config_dir, resolve_cohort
+from ovcf.cli import config_dir, resolve_cohort, setup_logging
 from ovcf.data import CohortDataModule
 from ovcf.models import list_models
 from ovcf.tasks import ClassificationTask
+
+log = logging.getLogger(__name__)
 
 
 def _sync() -> None:
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="use the tiny debug cohort instead of the default one")
     parser.add_argument("--augment", action="store_true", help="keep the training augmentation (the bare loop has none)")
     args = parser.parse_args(argv)
+    setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
     models = list_models("classification") if args.model == "all" else args.model.split(",")
     dm = None
     for name in models:
@@ -138,14 +142,16 @@ def main(argv: list[str] | None = None) -> None:
             where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
             augment = "with" if args.augment else "without"
             compiled = ", torch.compile" if args.compile else ""
-            print(f"batch {args.batch_size}, {args.precision}{compiled}, {augment} augmentation, {args.steps} steps on {where}")
-            print(f"{'model':<16}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
+            log.info(
+                f"batch {args.batch_size}, {args.precision}{compiled}, {augment} augmentation, {args.steps} steps on {where}"
+            )
+            log.info(f"{'model':<16}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
         kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
         pipeline, wait = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
         bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-        print(f"{name:<16}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%", flush=True)
-    print("pipeline: Lightning + DataModule + metrics; bare: a PyTorch loop over the same model and in-memory tensors")
-    print("data wait: share of the pipeline's step time spent between steps (the loader producing the next batch)")
+        log.info(f"{name:<16}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%")
+    log.info("pipeline: Lightning + DataModule + metrics; bare: a PyTorch loop over the same model and in-memory tensors")
+    log.info("data wait: share of the pipeline's step time spent between steps (the loader producing the next batch)")
 
 
 if __name__ == "__main__":

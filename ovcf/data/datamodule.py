@@ -8,6 +8,7 @@ when none is given (`ovcf.cli.resolve_cohort`), so reading data never starts the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,8 @@ from ovcf.data.roi import RoiSpec, window_hu
 from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
 from ovcf.data.splits import cohort_splits, one_center_note, write_splits
 from ovcf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class VertebraDataset(Dataset):
@@ -248,7 +251,7 @@ class CohortDataModule(L.LightningDataModule):
         )
         if masks is not None:
             for line in predicted_mask_warnings(read_index(self.cache)):
-                print(f"warning: {line}")
+                log.warning(line)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -99,6 +99,8 @@ class Leaderboard(Callback):
     """Hydra callback: writes the sweep's leaderboard when a multirun ends and prints the winner."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        # Printed, not logged: this runs in the sweep's own process after its jobs, where the logging set
+        # up is the last job's (its <job>.log would get the sweep's summary), or Hydra's under a launcher.
         metric = config.get("optimized_metric")
         if not metric:
             return

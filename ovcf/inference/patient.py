@@ -11,7 +11,6 @@ by the patient's pseudonym only.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +38,8 @@ from ovcf.eval.gradcam import ensemble_gradcam, overlay_figure
 from ovcf.inference.models import score, segment_ct, sign_scores
 from ovcf.inference.system import System
 from ovcf.parallel import track
+
+log = logging.getLogger(__name__)
 
 
 def choose_levels(levels, heights: dict[str, dict]) -> list[str]:
@@ -348,7 +349,7 @@ def predict_cases(
     seg_mode = _seg_mode(options)  # a wrong mode fails before any work
     named = sorted(((pseudonym(c.patient_id, key), c) for c in cases), key=lambda nc: nc[0])
     done, refused, rows = [], {}, []
-    print(f"System {system.meta.get('version', '?')} ({system.folder}); {len(cases)} patient(s)")
+    log.info(f"System {system.meta.get('version', '?')} ({system.folder}); {len(cases)} patient(s)")
     for name, case in track(named, len(named), "Predicting", enabled=progress and len(named) > 1):
         try:
             report = predict_patient(case, name, system, out, levels, clinical, **options)
@@ -356,12 +357,12 @@ def predict_cases(
             message = case.scrub(str(exc), name)
             refused[name] = message
             if len(named) > 1:  # one patient's refusal is the run's error; among many, the others go on
-                print(f"error: {message}", file=sys.stderr)
+                log.error(message)
             continue
         done.append(name)
         rows += _summary_rows(report)
         calls = ", ".join(call_text(e) for e in report["levels"])
-        print(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
+        log.info(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
     summary = {
         "system": str(system.folder),
         "threshold": system.threshold,
@@ -375,5 +376,5 @@ def predict_cases(
         if len(refused) == 1:
             raise CohortError(next(iter(refused.values())))
         raise CohortError(f"all {len(refused)} patients were refused (see above); nothing predicted")
-    print(f"{len(done)} of {len(cases)} patient(s) predicted" + (f", {len(refused)} refused" if refused else "") + f": {out}")
+    log.info(f"{len(done)} of {len(cases)} patient(s) predicted" + (f", {len(refused)} refused" if refused else "") + f": {out}")
     return summary

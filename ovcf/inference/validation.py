@@ -15,6 +15,7 @@ as internal validation, without Grad-CAM.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from ovcf.eval.gradcam import gallery
 from ovcf.eval.predictions import COLUMNS, arrays, write_predictions
 from ovcf.eval.report import write_report
 from ovcf.inference.runs import run_predictions
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -52,7 +55,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     models, records, scored, external, cache = {}, [], {}, None, None
     for label, folder, _ in runs:
-        print(f"Scoring {label} ({folder})")
+        log.info(f"Scoring {label} ({folder})")
         preds = run_predictions(folder, cohort, predicted_masks, device, batch_size, workers, progress)
         if models and preds["external"] != external:
             raise ConfigError(f"{folder} was tested on {preds['external']}, the others on {external}: evaluate them apart")
@@ -63,7 +66,7 @@ def evaluate(
         if gradcam_cases and preds["dataset"] is not None:
             _, probs, _ = arrays(preds["test"])
             threshold = models[label]["threshold"]["value"]
-            print(f"Grad-CAM gallery of {label}")
+            log.info(f"Grad-CAM gallery of {label}")
             models[label]["gradcam"] = gallery(
                 preds["tasks"], preds["dataset"], probs, threshold, out / "gradcam" / slug(label), gradcam_cases
             )

@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from ovcf.synth.montage import sagittal_view, write_montage
 from ovcf.synth.phantom import render
 from ovcf.synth.scanner import Scanner, acquire, make_grid
 from ovcf.synth.style import check_styles, draw_look, draw_variants
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [*REQUIRED_COLUMNS, "ct_date", "etiology", "ct_series_uid", "signs"]  # signs: extra, for sign supervision
 _FIRST = ["ANNA", "MARIA", "LI", "WEI", "HELGA", "ROSA", "JOHN", "PETER", "YAN", "EVA"]
@@ -313,8 +316,8 @@ def synthetic_cohort(data_dir: Path, params: dict, num_workers: int = 1, progres
     """The synthetic cohort of `params` under `data_dir` (absolute), generated on first use and reused after."""
     path = synthetic_folder(data_dir, params).resolve()
     if not (path / "synth.json").exists():
-        print(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
+        log.info(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
         params = {k: v for k, v in params.items() if k != "num_workers"}
         generate_cohort(path, num_workers=num_workers, progress=progress, **params)
-        print(difficulty_summary(path))
+        log.info(difficulty_summary(path))
     return path

@@ -14,7 +14,8 @@ import ovcf
 PACKAGE = Path(ovcf.__file__).parent
 ENTRY_POINTS = {
     "ovcf.train", "ovcf.ingest", "ovcf.segment", "ovcf.evaluate", "ovcf.study", "ovcf.predict", "ovcf.export",
-    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
+    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.tune", "ovcf.synth.__main__",
+    "ovcf.bench.__main__",
 }  # fmt: skip
 # What each folder may import besides itself and the shared root modules (contract, errors, parallel).
 ALLOWED = {
@@ -25,6 +26,7 @@ ALLOWED = {
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
     "cli": {"synth"},
+    "training": {"cli", "data", "models", "tasks", "eval"},  # one training run: ovcf.train's and ovcf.tune's
     "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},
 }

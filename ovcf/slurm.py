@@ -1,4 +1,4 @@
-"""Sweeps past one machine: what `hydra/launcher=slurm` submits, and the Optuna study's folder.
+"""Sweeps past one machine: what `hydra/launcher=slurm` submits.
 
 `python -m ovcf.slurm [train overrides]` composes the train config as `python -m ovcf.train -m
 hydra/launcher=slurm [overrides]` would and prints the sbatch script that submitit writes for each
@@ -9,22 +9,10 @@ waits in a cluster's queue.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ovcf.cli import check_overrides, config_dir
-
-
-class MakeFolder(Callback):
-    """Creates `path` when a multirun starts: Optuna's SQLite storage creates its file, not its folder."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        Path(self.path).mkdir(parents=True, exist_ok=True)
 
 
 def launcher_config(overrides: list[str]) -> dict:

@@ -7,7 +7,6 @@ the dispatcher in-process and as `python -m ovcf`, and check that each script's 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from conftest import run_cli
 import ovcf.__main__ as dispatcher
 
 ROOT = Path(__file__).resolve().parents[1]
-PENDING = {"ovcf.tune"}  # issue 25: written in parallel; drop once it has landed (until then `ovcf tune` says it is missing)
 
 
 def _scripts() -> dict[str, str]:
@@ -35,14 +33,9 @@ def test_every_script_is_a_command_and_resolves_to_a_callable():
         "ovcf": "ovcf.__main__:main",
         **{f"ovcf-{name}": f"{module}:main" for name, module in dispatcher.COMMANDS.items()},
     }, "[project.scripts] and ovcf.__main__.COMMANDS list the same commands"
-    missing = set()
     for target in scripts.values():
         module, attr = target.split(":")
-        if module in PENDING and importlib.util.find_spec(module) is None:
-            missing.add(module)
-            continue
         assert callable(getattr(importlib.import_module(module), attr)), target
-    assert missing <= PENDING
 
 
 def test_help_lists_each_command_in_one_line_without_loading_them():

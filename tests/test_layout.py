@@ -14,8 +14,8 @@ import ovcf
 PACKAGE = Path(ovcf.__file__).parent
 ENTRY_POINTS = {
     "ovcf.train", "ovcf.ingest", "ovcf.segment", "ovcf.evaluate", "ovcf.study", "ovcf.predict", "ovcf.export",
-    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.synth.__main__", "ovcf.bench.__main__",
-    "ovcf.__main__",
+    "ovcf.sign_ablation", "ovcf.transfer", "ovcf.pretrain", "ovcf.slurm", "ovcf.tune", "ovcf.synth.__main__",
+    "ovcf.bench.__main__", "ovcf.__main__",
 }  # fmt: skip
 # ovcf.__main__ is the `ovcf <command>` dispatcher: an entry point that starts the others, so the rule
 # binds it too. It names them as strings (runpy, by name, when chosen), which this check does not
@@ -29,6 +29,7 @@ ALLOWED = {
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
     "cli": {"synth"},
+    "training": {"cli", "data", "models", "tasks", "eval"},  # one training run: ovcf.train's and ovcf.tune's
     "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},
 }

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Modules that write results, splits, indexes, leaderboards, metrics, summaries and reports.
 OUTPUT_MODULES = (
-    "ovcf/train.py",
+    "ovcf/training.py",
+    "ovcf/tune.py",
     "ovcf/data/ingest.py",
     "ovcf/data/splits.py",
     "ovcf/eval/leaderboard.py",

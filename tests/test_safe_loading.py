@@ -130,7 +130,7 @@ def test_a_crafted_checkpoint_is_refused_by_every_loader(tmp_path):
     """evaluate/export/segment/sign ablation (`load_classifier`, `load_segmenter`) and train's resume read a
     checkpoint with the weights-only loader: a payload is refused in one line naming the file, and never runs."""
     from ovcf.inference.models import load_classifier, load_segmenter
-    from ovcf.train import resume_from
+    from ovcf.training import resume_from
 
     marker = tmp_path / "payload_ran"
     evil = _plant(tmp_path / "epoch_001.ckpt", marker)

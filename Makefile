@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export WANDB_SILENT := true
 
-.PHONY: setup browser train test bench lint clean
+.PHONY: setup browser train test bench lint lock clean
 
 $(BIN)/ovcf-installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,15 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check ovcf tests
 	$(BIN)/ruff format --check ovcf tests
+
+# constraints.txt from a fresh venv: the newest versions of .[dev] (torch and torchvision kept at their
+# pins); then raise pyproject's floors to them (tests/test_packaging.py names any that differ).
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e ".[dev]" $$(grep -E '^(torch|torchvision)==' constraints.txt)
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^ovcf'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .cache logs data/synthetic

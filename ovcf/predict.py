@@ -8,9 +8,11 @@ fractured level (named by `levels=[L1,T12]`; `levels=auto`: every body whose hei
 Genant grade 1; `levels=all`: every body found) is cropped as in training and classified. Written
 per patient, under its pseudonym only (`<output>/<pseudonym>/`): `report.json` (per level: acute
 probability, the decision at the system's frozen threshold, heights and their ratios, protocol
-flags), a Grad-CAM overlay per level, and optionally `mask.nii.gz` (`nifti=true`) and `seg.dcm`
-(`dicom_seg=true`, a DICOM SEG on the source CT series: `seg_mode=research`, the default, under the
-pseudonym with new UIDs; `seg_mode=pacs`, with the patient's identity and the CT's study, for a PACS).
+flags), a Grad-CAM overlay per level, and optionally `mask.nii.gz` (`nifti=true`), `seg.dcm`
+(`dicom_seg=true`, a DICOM SEG on the source CT series, `seg_type=labelmap` or `binary`) and `sr.dcm`
+(`dicom_sr=true`, a DICOM SR measurement report of the levels referencing that SEG, which it writes too);
+both carry, under `seg_mode=research` (the default), the pseudonym and new UIDs; under `seg_mode=pacs`, the
+patient's identity and the CT's study, for a PACS.
 `<output>/summary.csv` and `summary.json` list every patient.
 """
 
@@ -24,7 +26,8 @@ from ovcf.cli import device, hydra_main
 from ovcf.data.ct import find_cases
 from ovcf.data.pseudonym import load_key
 from ovcf.errors import ConfigError
-from ovcf.inference.patient import check_seg_mode, choose_levels, predict_cases
+from ovcf.inference.dicom import check_seg_mode, check_seg_type
+from ovcf.inference.patient import choose_levels, predict_cases
 from ovcf.inference.system import latest_system, load_system
 
 
@@ -38,8 +41,9 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.input or not cfg.output:
         raise ConfigError("pass input=DICOM_DIR (one patient, a whole export, or a NIfTI CT) and output=OUT_DIR")
     levels = _levels_option(cfg.levels)
-    choose_levels(levels, {})  # a bad level name or SEG mode fails before any work
+    choose_levels(levels, {})  # a bad level name, SEG mode or SEG type fails before any work
     check_seg_mode(cfg.seg_mode)
+    check_seg_type(cfg.seg_type)
     folder = Path(cfg.system).expanduser() if cfg.system else latest_system(Path(cfg.paths.log_dir))
     system = load_system(folder, device(cfg.device))
     cases = find_cases(Path(cfg.input), "input", cfg.workers, cfg.progress)
@@ -47,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     clinical = {k: v for k, v in OmegaConf.to_container(cfg.clinical).items() if v is not None}
     key = load_key(cfg.paths.key_file, cfg.paths.cache_dir)
-    options = {"nifti": cfg.nifti, "dicom_seg": cfg.dicom_seg, "seg_mode": cfg.seg_mode}
+    options = {k: cfg[k] for k in ("nifti", "dicom_seg", "dicom_sr", "seg_mode", "seg_type")}
     return predict_cases(cases, key, system, out, levels, clinical, cfg.progress, **options)
 
 

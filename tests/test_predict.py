@@ -116,6 +116,57 @@ def _headers(folder: Path):
             continue
 
 
+def _bodies(labels: np.ndarray, affine: np.ndarray, values: dict[str, int]) -> dict[str, tuple[int, np.ndarray]]:
+    """Each level's voxel count and centre (mm, in the frame of `affine`) in a label map holding it as `values[level]`."""
+    found = {}
+    for level, value in values.items():
+        voxels = np.argwhere(labels == value)
+        found[level] = (len(voxels), (affine @ np.append(voxels.mean(0), 1))[:3])
+    return found
+
+
+def _sr_groups(path: Path) -> dict:
+    """The SR's measurement groups by tracking identifier (the level), read back with highdicom."""
+    import highdicom as hd
+
+    sr = hd.sr.srread(path)
+    return {g.tracking_identifier: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+
+
+def _check_sr(path: Path, report: dict, seg) -> None:
+    """The SR holds one group per body of the SEG: for a level predict reported, report.json's own probability,
+    decision, heights and Genant grade; for any other body, its heights and grade. Each group references its SEG
+    segment and the CT series the SEG lies on."""
+    from ovcf.inference.dicom import DECISION, GENANT, MEASURED, PROBABILITY, segment_numbers
+
+    sr = pydicom.dcmread(path)
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.PatientID == seg.PatientID
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    evidence = {s.SeriesInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence}
+    ct_series = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert evidence == {ct_series, seg.SeriesInstanceUID}
+    groups, numbers = _sr_groups(path), segment_numbers(seg)
+    assert list(groups) == list(numbers) == list(report["segmentation"]["heights"])  # every body, up the spine's ids
+    reported = {e["level"]: e for e in report["levels"]}
+    for level, heights in report["segmentation"]["heights"].items():
+        group, e = groups[level], reported.get(level, {})
+        found = {m.name.value: m.value for m in group.get_measurements()}
+        assert found.pop(PROBABILITY.value, None) == e.get("probability")  # the very float of report.json
+        for key, (code, _) in MEASURED.items():
+            value = found.pop(code.value, None)
+            assert value is None if heights[key] is None else value == pytest.approx(heights[key], abs=0.01), key
+        assert found == {}
+        calls = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
+        expected = {DECISION.value: e["decision"].upper()} if "decision" in e else {}
+        if heights["genant_grade"] is not None:  # None: a body cut by the scan is not graded
+            expected[GENANT.value] = f"GENANT{heights['genant_grade']}"
+        assert calls == expected
+        segment = group.referenced_segment
+        assert segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert segment.referenced_segment_numbers == [numbers[level]]
+        assert segment.source_series_for_segmentation.value == ct_series
+
+
 def _ct_series_uids(folder: Path) -> set[str]:
     return {
         str(ds.SeriesInstanceUID)
@@ -137,11 +188,13 @@ def _leaks(root: Path, secrets: dict[str, str], text: str = "") -> list[str]:
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
-    """An export of several patients: report, PNGs, NIfTI and DICOM SEG for the good one, the bad one refused, no PHI."""
+    """An export of several patients: report, PNGs, NIfTI, DICOM SEG and SR for the good one, the bad one refused,
+    no PHI. The SEG is a LABELMAP with one segment per level of the NIfTI mask; the SR holds predict's own results."""
     import highdicom as hd
 
     from ovcf.data.ct import IngestChecks, read_ct
     from ovcf.data.pseudonym import load_key, pseudonym
+    from ovcf.inference.dicom import segment_numbers
     from ovcf.predict import run as predict_run
 
     out = tmp_path / "out"
@@ -157,6 +210,7 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
             "levels=all",
             "nifti=true",
             "dicom_seg=true",
+            "dicom_sr=true",
             "progress=false",
             f"paths.key_file={tmp_path / 'key'}",
         ],
@@ -167,6 +221,7 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     (refused,) = summary["refused"].values()
     assert "missing_slices" in refused and "CT series #2" in refused and "\n" not in refused
     assert refused in console.err and " s\n" in console.out  # the refusal and the per-patient time are printed
+    assert "seg.dcm and sr.dcm written" in console.out
     threshold = json.loads((system["folder"] / "configs" / "metadata.json").read_text())["threshold"]
     folders = {p.name: p for p in out.iterdir() if p.is_dir()}
     assert set(folders) == set(summary["patients"])
@@ -179,9 +234,10 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
             assert e["decision"] == ("acute" if e["probability"] >= threshold else "chronic")
             assert (folders[name] / e["gradcam"]).stat().st_size > 5_000
         seg = hd.seg.segread(folders[name] / "seg.dcm")
-        assert seg.PatientID == name and seg.PatientName == f"{name}^"
-        labels = [d.SegmentLabel for d in seg.SegmentSequence]
-        assert labels and set(labels) <= set(LEVEL_IDS)
+        assert seg.PatientID == name and seg.PatientName == f"{name}^" and seg.SegmentationType == "LABELMAP"
+        numbers = segment_numbers(seg)
+        assert numbers and set(numbers) <= set(LEVEL_IDS) and report["files"]["dicom_sr"] == "sr.dcm"
+        _check_sr(folders[name] / "sr.dcm", report, seg)
         ct_folder = by_name[name]  # seg_mode=research (the default): the SEG references no source series
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID not in _ct_series_uids(ct_folder)
         assert report["seg_mode"] == summary["seg_mode"] == "research" and "(research)" in seg.SeriesDescription
@@ -189,6 +245,11 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
         mask = nib.load(folders[name] / "mask.nii.gz")
         assert mask.shape == ct.array.shape and np.allclose(mask.affine, ct.affine, atol=1e-3)
         assert set(np.unique(np.asarray(mask.dataobj))) - {0} <= set(LEVEL_IDS.values())
+        stored = seg.get_volume(combine_segments=True)  # LPS; the SEG lies on the source grid, the NIfTI on RAS
+        in_seg = _bodies(stored.array, np.diag([-1, -1, 1, 1]) @ stored.affine, numbers)
+        in_nifti = _bodies(np.asarray(mask.dataobj), mask.affine, {lv: LEVEL_IDS[lv] for lv in numbers})
+        for level, (count, centre) in in_seg.items():  # nearest-neighbour ties may fall apart on the two grids
+            assert count == pytest.approx(in_nifti[level][0], rel=0.05) and np.linalg.norm(centre - in_nifti[level][1]) < 1, level
     assert (out / "summary.csv").is_file()
     assert _leaks(out, system["secrets"], console.out + console.err) == []
 
@@ -203,25 +264,32 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
 
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
-def test_predict_writes_a_pacs_seg_on_request(system, two_patients, tmp_path):
-    """seg_mode=pacs: the SEG carries the patient's ID and the CT's study and series, so a PACS files it with the CT."""
+def test_predict_writes_a_pacs_seg_and_sr_on_request(system, two_patients, tmp_path):
+    """seg_mode=pacs: the SEG and SR carry the patient's ID and the CT's study and series, so a PACS files them with
+    the CT; `dicom_sr=true` alone writes the SEG it references too; `seg_type=binary`: the classic Segmentation SOP class."""
     from ovcf.predict import run as predict_run
 
     pid, folder = next(iter(two_patients.items()))
     out = tmp_path / "out"
-    args = [f"input={folder}", f"output={out}", f"system={system['folder']}", "levels=all", "dicom_seg=true", "seg_mode=pacs"]
-    cfg = compose_cfg("predict", [*args, "progress=false", f"paths.key_file={tmp_path / 'key'}"])
+    args = [f"input={folder}", f"output={out}", f"system={system['folder']}", "dicom_sr=true", "seg_mode=pacs"]  # levels=auto
+    cfg = compose_cfg("predict", [*args, "seg_type=binary", "progress=false", f"paths.key_file={tmp_path / 'key'}"])
     summary = predict_run(cfg)
     (name,) = summary["patients"]
     seg = pydicom.dcmread(out / name / "seg.dcm")
+    assert seg.SOPClassUID == pydicom.uid.SegmentationStorage and seg.SegmentationType == "BINARY"
     referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
     assert referenced in _ct_series_uids(folder)
     ct = next(ds for ds in _headers(folder) if ds.SeriesInstanceUID == referenced)
     assert seg.PatientID == pid and seg.StudyInstanceUID == ct.StudyInstanceUID
-    assert summary["seg_mode"] == json.loads((out / name / "report.json").read_text())["seg_mode"] == "pacs"
-    cfg = compose_cfg("predict", [*args[:3], "seg_mode=hospital"])
-    with pytest.raises(ConfigError, match="seg_mode=hospital: use research"):
-        predict_run(cfg)
+    report = json.loads((out / name / "report.json").read_text())
+    assert summary["seg_mode"] == report["seg_mode"] == "pacs"
+    _check_sr(out / name / "sr.dcm", report, seg)  # on the CT's own series
+    for wrong, named in (
+        ("seg_mode=hospital", "seg_mode=hospital: use research"),
+        ("seg_type=rle", "seg_type=rle: use labelmap"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            predict_run(compose_cfg("predict", [*args[:3], wrong]))
 
 
 @pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker

@@ -5,9 +5,9 @@ address, the patient ID itself), in the CSV (the IDs plus extra name and birth-d
 the mask file names and in the export's folder names (`conftest.plant_phi`). The session's study
 (`ovcf.study` on that cohort: segmenter sweep, predicted masks, classifier sweep with the W&B logger
 offline, `ovcf.evaluate` with Grad-CAM and its W&B run, the exported system) and `ovcf.ingest` ran on
-it, and `ovcf.predict` with a DICOM SEG (`seg_mode=research`) on one patient; every file they wrote
-(cache, logs, checkpoints, W&B runs, reports, plots, the SEG) and their console output must be free of
-it, file names included, and the SEG holds no UID of the source DICOM.
+it, and `ovcf.predict` with a DICOM SEG and SR (`seg_mode=research`) on one patient; every file they
+wrote (cache, logs, checkpoints, W&B runs, reports, plots, the SEG and SR) and their console output must
+be free of it, file names included, and neither the SEG nor the SR holds a UID of the source DICOM.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_pat
     )
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     assert "flow.md" in ingest.stdout and "splits.json" in ingest.stdout and "included" in ingest.stdout
-    patient = sorted(p for p in (cohort / "dicom").iterdir() if p.is_dir())[0]  # predict, with a DICOM SEG (research)
-    options = [f"input={patient}", f"output={tmp_path / 'predicted'}", f"system={study / 'system'}", "dicom_seg=true"]
+    patient = sorted(p for p in (cohort / "dicom").iterdir() if p.is_dir())[0]  # predict, with a DICOM SEG and SR (research)
+    options = [f"input={patient}", f"output={tmp_path / 'predicted'}", f"system={study / 'system'}", "dicom_sr=true"]
     predict_run(compose_cfg("predict", [*options, "progress=false", f"paths.key_file={tmp_path / 'key'}"]))
     predicted = capsys.readouterr()
-    (seg,) = (tmp_path / "predicted").rglob("seg.dcm")
-    assert [uid for uid in _source_values(patient)["uids"] if uid.encode() in seg.read_bytes()] == []
+    (seg,), (sr,) = (tmp_path / "predicted").rglob("seg.dcm"), (tmp_path / "predicted").rglob("sr.dcm")
+    for written in (seg, sr):
+        assert [uid for uid in _source_values(patient)["uids"] if uid.encode() in written.read_bytes()] == []
     cache = env["OVCF_CACHE_DIR"]
     assert any(study.rglob("*.ckpt")) and any(smoke_study.root.rglob("*.wandb")), "checkpoints and W&B runs"
     assert any((study / "evaluation" / "gradcam").rglob("*.png")) and (study / "system" / "configs" / "metadata.json").is_file()
@@ -156,48 +157,79 @@ def ct_to_segment(phi_cohort, tmp_path_factory):
     return {"folder": folder, "case": case, "series": choice.series, "labels": labels, "secrets": secrets}
 
 
-def _write_seg(ct: dict, path: Path, mode: str):
+# One level as predict reports it (report.json's `levels`): what the SR writer reads.
+L1_ENTRY = {
+    "level": "L1",
+    "status": "classified",
+    "probability": 0.8125,
+    "decision": "acute",
+    "heights": {"anterior_mm": 14.2, "middle_mm": 19.5, "posterior_mm": 24.0, "anterior_ratio": 0.592,
+                "middle_ratio": 0.813, "neighbour_ratio": None, "height_loss": 0.408, "genant_grade": 3, "cut": False},
+}  # fmt: skip
+
+
+def _write_dicom(ct: dict, folder: Path, mode: str) -> dict:
+    """The SEG and SR predict writes for `ct` under `mode`, read back with pydicom (by report.json's file key)."""
     from types import SimpleNamespace
 
     import pydicom
 
     from ovcf.data.ct import IngestChecks
-    from ovcf.inference.patient import write_dicom_seg
+    from ovcf.inference.dicom import write_dicom
 
-    system = SimpleNamespace(checks=IngestChecks(), meta={"version": "0.0-test"})  # what the writer reads of a system
-    write_dicom_seg(path, ct["series"], ct["labels"], "pseudo1234", system, mode)
-    return pydicom.dcmread(path)
+    system = SimpleNamespace(checks=IngestChecks(), meta={"version": "0.0-test"}, threshold=0.5)  # what the writers read
+    files = write_dicom(folder, ct["series"], ct["labels"], "pseudo1234", system, mode, levels=[L1_ENTRY])
+    return {key: pydicom.dcmread(folder / name) for key, name in files.items()}
 
 
-def test_a_research_seg_carries_nothing_of_the_source(ct_to_segment, tmp_path):
-    """The default SEG: new study, series, instance and frame-of-reference UIDs, the pseudonym, no source date."""
+def test_a_research_seg_and_sr_carry_nothing_of_the_source(ct_to_segment, tmp_path):
+    """The default SEG and SR: new study, series, instance and frame-of-reference UIDs, the pseudonym, no source date."""
     import highdicom as hd
 
-    seg = _write_seg(ct_to_segment, tmp_path / "seg.dcm", "research")
+    from ovcf.inference.dicom import segment_numbers
+
+    written = _write_dicom(ct_to_segment, tmp_path, "research")
+    seg, sr = written["dicom_seg"], written["dicom_sr"]
     source = _source_values(ct_to_segment["folder"])
     assert source["uids"] and source["dates"], "the search has something to look for"
-    blob = (tmp_path / "seg.dcm").read_bytes()
-    assert [uid for uid in source["uids"] if uid.encode() in blob] == []
-    assert [date for date in source["dates"] if date.encode() in blob] == []
+    for name in ("seg.dcm", "sr.dcm"):
+        blob = (tmp_path / name).read_bytes()
+        assert [uid for uid in source["uids"] if uid.encode() in blob] == [], name
+        assert [date for date in source["dates"] if date.encode() in blob] == [], name
     assert _leaks(tmp_path, ct_to_segment["secrets"]) == []
-    assert seg.PatientID == "pseudo1234" and seg.PatientName == "pseudo1234^" and not seg.get("PatientSex")
-    assert not seg.get("StudyDate") and not seg.get("AccessionNumber") and "research" in seg.SeriesDescription
+    for ds in (seg, sr):  # the SR takes patient and study from the same cleaned headers as the SEG
+        assert ds.PatientID == "pseudo1234" and ds.PatientName == "pseudo1234^" and not ds.get("PatientSex")
+        assert not ds.get("StudyDate") and not ds.get("AccessionNumber") and "research" in ds.SeriesDescription
+        assert ds.StudyInstanceUID == seg.StudyInstanceUID and not ds.get("InstitutionName")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID not in source["uids"]
     frames = hd.seg.segread(tmp_path / "seg.dcm")
-    assert [s.SegmentLabel for s in frames.SegmentSequence] == ["L1"] and frames.NumberOfFrames == 4
+    assert frames.SegmentationType == "LABELMAP" and segment_numbers(frames) == {"L1": 1} and frames.NumberOfFrames == 4
 
 
-def test_a_pacs_seg_files_with_its_ct(ct_to_segment, tmp_path):
+def test_a_pacs_seg_and_sr_file_with_their_ct(ct_to_segment, tmp_path):
     """seg_mode=pacs: the patient's identity and the source study, frame of reference and series, for a PACS."""
+    import highdicom as hd
     import pydicom
 
-    seg = _write_seg(ct_to_segment, tmp_path / "seg.dcm", "pacs")
+    written = _write_dicom(ct_to_segment, tmp_path, "pacs")
+    seg, sr = written["dicom_seg"], written["dicom_sr"]
     ct = pydicom.dcmread(ct_to_segment["series"].slices[0].path, stop_before_pixels=True)
     assert seg.PatientID == ct.PatientID and ct.PatientID in ct_to_segment["secrets"].values()
-    assert (seg.PatientName, seg.PatientBirthDate, seg.PatientSex) == (ct.PatientName, ct.PatientBirthDate, ct.PatientSex)
-    assert seg.StudyInstanceUID == ct.StudyInstanceUID and seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    identity = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID")
+    for ds in (seg, sr):  # the SR takes patient and study from the same headers as the SEG
+        assert [ds.get(k) for k in identity] == [ct.get(k) for k in identity] and "pacs" in ds.SeriesDescription
+    assert seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
     (referenced,) = seg.ReferencedSeriesSequence
     assert referenced.SeriesInstanceUID == ct.SeriesInstanceUID
     sources = {s.sop_uid for s in ct_to_segment["series"].slices}
     assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} <= sources
-    assert "pacs" in seg.SeriesDescription
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence  # the CT's slices and the SEG, all in the CT's study
+    series = {
+        s.SeriesInstanceUID: {i.ReferencedSOPInstanceUID for i in s.ReferencedSOPSequence}
+        for s in evidence.ReferencedSeriesSequence
+    }
+    assert series == {ct.SeriesInstanceUID: sources, seg.SeriesInstanceUID: {seg.SOPInstanceUID}}
+    (group,) = hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()  # L1, on the CT
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+    assert group.referenced_segment.source_series_for_segmentation.value == ct.SeriesInstanceUID
+    assert {q.name.value: q.value.value for q in group.get_qualitative_evaluations()} == {"ACUITY": "ACUTE", "GENANT": "GENANT3"}

@@ -5,6 +5,7 @@
 - `validation`: external validation of one run or a sweep (metrics, figures, Grad-CAM, report).
 - `system`: the exported system folder (segmenter, classifier(s), frozen threshold, preprocessing).
 - `patient`: one new patient's CT through that system.
+- `dicom`: its results as DICOM, for a PACS and a report (a SEG of the bodies, an SR of the findings).
 """
 
 from ovcf.inference.models import load_classifier, load_segmenter, score, segment_ct

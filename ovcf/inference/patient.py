@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
-import pydicom
 import torch
-from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
-from ovcf.atomic import write_atomic, write_csv, write_json
+from ovcf.atomic import write_csv, write_json
 from ovcf.contract import LEVEL_IDS, LEVEL_ORDER, SIGN_NAMES, SIGNS
 from ovcf.data.ct import Case, SpineQc, check_level, load_case, slice_problem
 from ovcf.data.datamodule import VertebraDataset
@@ -31,10 +26,10 @@ from ovcf.data.heights import level_heights
 from ovcf.data.pseudonym import pseudonym
 from ovcf.data.quality import level_voxels
 from ovcf.data.roi import RoiSpec
-from ovcf.data.series import validate
 from ovcf.data.volume import Volume
 from ovcf.errors import CohortError, ConfigError, OvcfError
 from ovcf.eval.gradcam import ensemble_gradcam, overlay_figure
+from ovcf.inference.dicom import check_seg_mode, check_seg_type, write_dicom
 from ovcf.inference.models import score, segment_ct, sign_scores
 from ovcf.inference.system import System
 from ovcf.parallel import track
@@ -92,8 +87,10 @@ def predict_patient(
 ) -> dict:
     """Segments, measures and classifies one patient `name` (its pseudonym); writes `<out>/<name>/` and returns its report.
 
-    Options: `nifti` (the predicted mask as `mask.nii.gz`), `dicom_seg` (as a DICOM SEG on the source series) and
-    `seg_mode` (`research`, the default, or `pacs`: see `write_dicom_seg`).
+    Options: `nifti` (the predicted mask as `mask.nii.gz`), `dicom_seg` (as a DICOM SEG on the source series),
+    `dicom_sr` (the levels' results as a DICOM SR referencing that SEG, which it writes too), `seg_mode`
+    (`research`, the default, or `pacs`: see `ovcf.inference.dicom.write_dicom`) and `seg_type` (`labelmap`,
+    the default, or `binary`).
     """
     start = time.perf_counter()
     choice = load_case(case, system.checks, name)
@@ -135,17 +132,9 @@ def predict_patient(
     if options.get("nifti"):
         nib.save(nib.Nifti1Image(labels, volume.affine), folder / "mask.nii.gz")
         files["mask"] = "mask.nii.gz"
-    if options.get("dicom_seg"):
-        if series is None:
-            notes.append("dicom_seg: skipped, the input is NIfTI (a DICOM SEG needs the source DICOM series)")
-        elif not heights:
-            notes.append("dicom_seg: skipped, the segmenter found no vertebral body")
-        else:
-            try:
-                write_dicom_seg(folder / "seg.dcm", series, segmentation.on_grid(raw), name, system, _seg_mode(options))
-                files["dicom_seg"] = "seg.dcm"
-            except CohortError as exc:  # the prediction stands; only its SEG cannot be written
-                notes.append(f"dicom_seg: skipped, {exc}")
+    if _seg_mode(options):
+        labels_raw = segmentation.on_grid(raw) if heights else None
+        files |= _dicom_outputs(folder, series, labels_raw, name, system, _sr_levels(entries, heights), notes, options)
     assignment = segmentation.assignment
     report = {
         "pseudonym": name,
@@ -168,123 +157,43 @@ def predict_patient(
     return report
 
 
+def _sr_levels(entries: list[dict], heights: dict[str, dict]) -> list[dict]:
+    """Every body found, as the SR reports it: a requested level's report entry, any other body's heights and grade
+    (so the SR holds the whole Genant reading, and a patient with no fractured level still has one)."""
+    chosen = {e["level"]: e for e in entries}
+    return [chosen.get(level) or {"level": level, "heights": h} for level, h in heights.items()]
+
+
+def _dicom_outputs(folder: Path, series, labels, name: str, system: System, levels: list, notes: list, options: dict) -> dict:
+    """`seg.dcm` and, with `dicom_sr`, `sr.dcm` of `levels` (their report.json `files` entries); when they cannot be
+    written, a note in `notes` says why and the prediction stands."""
+    what = "dicom_seg, dicom_sr" if options.get("dicom_sr") else "dicom_seg"
+    if series is None:
+        notes.append(f"{what}: skipped, the input is NIfTI (DICOM outputs need the source DICOM series)")
+        return {}
+    if labels is None:
+        notes.append(f"{what}: skipped, the segmenter found no vertebral body")
+        return {}
+    kind, sr_levels = options.get("seg_type", "labelmap"), levels if options.get("dicom_sr") else None
+    try:
+        return write_dicom(folder, series, labels, name, system, _seg_mode(options), kind, sr_levels)
+    except CohortError as exc:
+        notes.append(f"{what}: skipped, {exc}")
+        return {}
+
+
 def _seg_mode(options: dict) -> str | None:
-    """The DICOM SEG's mode among predict's `options` (None: no SEG asked for), named in report and summary."""
-    return check_seg_mode(options.get("seg_mode", "research")) if options.get("dicom_seg") else None
+    """The DICOM outputs' mode among predict's `options` (None: neither SEG nor SR asked for), named in report and
+    summary. The SR references the SEG's segments, so `dicom_sr` writes the SEG too."""
+    if not (options.get("dicom_seg") or options.get("dicom_sr")):
+        return None
+    check_seg_type(options.get("seg_type", "labelmap"))
+    return check_seg_mode(options.get("seg_mode", "research"))
 
 
 def _decision(probability: float, system: System) -> str:
     """Acute when the probability reaches the frozen threshold (as `ovcf.eval.metrics.confusion` calls it)."""
     return "acute" if probability >= system.threshold else "chronic"
-
-
-SEG_MODES = {
-    "research": "new UIDs and the pseudonym: nothing in it leads back to the patient or the source CT",
-    "pacs": "the patient's identity and the source study, frame of reference and series, so a PACS files it with its CT",
-}
-IMAGE = (
-    "SOPClassUID", "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
-    "SliceThickness", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "SeriesNumber", "InstanceNumber", "SpecificCharacterSet",
-)  # fmt: skip
-SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-IDENTITY = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
-)  # fmt: skip
-
-
-def check_seg_mode(mode: str) -> str:
-    """`mode` when it is one of `SEG_MODES`, else `ConfigError` naming them."""
-    if mode not in SEG_MODES:
-        raise ConfigError(f"seg_mode={mode}: use " + " or ".join(f"{k} ({v})" for k, v in SEG_MODES.items()))
-    return mode
-
-
-def _source_headers(paths: list[str], name: str, mode: str) -> list[Dataset]:
-    """What highdicom takes from each source slice: its geometry and, by `mode`, its UIDs and patient.
-
-    `research`: the source's study, series, instance and frame-of-reference UIDs are replaced by new
-    ones (consistent across the slices) and the patient is the pseudonym `name`, so the SEG references
-    no source object and carries no date, name or number of the source. `pacs`: the source's UIDs and
-    patient and study identity, as a PACS needs them to file the SEG with its CT.
-    """
-    new = {keyword: hd.UID() for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
-    copied = IMAGE if mode == "research" else IMAGE + SOURCE_UIDS + IDENTITY
-    headers = []
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        clean = Dataset()
-        for keyword in copied:
-            if keyword in ds:
-                setattr(clean, keyword, ds.data_element(keyword).value)
-        if mode == "research":
-            for keyword, uid in new.items():
-                setattr(clean, keyword, uid)
-            clean.SOPInstanceUID = hd.UID()
-            clean.PatientID, clean.PatientName = name, f"{name}^"  # the caret: a one-component person name
-        for keyword in IDENTITY:  # highdicom reads each of them; empty: not known
-            if keyword not in clean:
-                setattr(clean, keyword, "")
-        headers.append(clean)
-    return headers
-
-
-def write_dicom_seg(path: Path, series, labels: np.ndarray, name: str, system: System, mode: str = "research") -> Path:
-    """A DICOM SEG (highdicom) of the predicted levels on the source CT series, one segment per level.
-
-    `labels` are VerSe ids on the series' own voxels as `load_series` reads them (column, row, slice
-    in the validated slice order). `mode` (see `SEG_MODES`, named in the SeriesDescription):
-    `research` writes the pseudonym `name` and new UIDs, so the SEG can be shared with the
-    pseudonymised results; `pacs` writes the patient's identity and references the CT's study, frame
-    of reference, series and instances, so that a PACS files the SEG with its CT and a viewer
-    overlays it (the file is then patient data).
-    """
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source UIDs
-
-    ordered, _ = validate(replace(series, notes=[]), system.checks.series)
-    if any(h.frame >= 0 for h in ordered):
-        raise CohortError(f"{name}: dicom_seg supports single-frame CT series; {series.name} is multi-frame")
-    ids = [int(v) for v in np.unique(labels) if v]
-    if not ids:
-        raise CohortError(f"{name}: dicom_seg: the segmenter found no vertebral body, nothing to write")
-    lut = np.zeros(max(max(ids), max(LEVEL_IDS.values())) + 1, np.uint8)
-    names = {v: k for k, v in LEVEL_IDS.items()}
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ovcf", version=str(system.meta.get("version", "")), family=codes.cid7162.ArtificialIntelligence
-    )
-    descriptions = []
-    for number, verse in enumerate(ids, start=1):
-        lut[verse] = number
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=names.get(verse, str(verse)),
-                segmented_property_category=codes.SCT.AnatomicalStructure,
-                segmented_property_type=codes.SCT.Vertebra,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-        )
-    pixels = np.stack([lut[labels[:, :, k].T] for k in range(labels.shape[2])])  # (frames, rows, columns)
-    seg = hd.seg.Segmentation(
-        source_images=_source_headers([h.path for h in ordered], name, check_seg_mode(mode)),
-        pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=901,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ovcf",
-        manufacturer_model_name="ovcf vertebral bodies",
-        software_versions=str(system.meta.get("version", "")),
-        device_serial_number="0",
-        content_label="VERTEBRAE",
-        series_description=f"ovcf vertebral bodies ({mode})",
-    )
-    write_atomic(path, seg.save_as)
-    return path
 
 
 SUMMARY = (
@@ -362,7 +271,9 @@ def predict_cases(
         done.append(name)
         rows += _summary_rows(report)
         calls = ", ".join(call_text(e) for e in report["levels"])
-        log.info(f"{name}: {calls or 'no fractured level'} - {report['seconds']:.1f} s")
+        dicom = [report["files"][k] for k in ("dicom_seg", "dicom_sr") if k in report["files"]]
+        wrote = f"; {' and '.join(dicom)} written" if dicom else ""
+        log.info(f"{name}: {calls or 'no fractured level'}{wrote} - {report['seconds']:.1f} s")
     summary = {
         "system": str(system.folder),
         "threshold": system.threshold,

@@ -145,6 +145,19 @@ def _segment(number: int, label: str, algorithm) -> hd.seg.SegmentDescription:
     )
 
 
+def _new_series(number: int, system) -> dict:
+    """What the SEG and the SR share as new instances of ovcf's own series: fresh UIDs, the series
+    number a PACS sorts them by, and ovcf with its version as the maker."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": "ovcf",
+        "software_versions": _version(system),
+    }
+
+
 def build_seg(headers: list[Dataset], labels: np.ndarray, system, mode: str, kind: str = "labelmap") -> hd.seg.Segmentation:
     """The predicted levels as a DICOM SEG on `headers`, one segment per level (numbered up the VerSe ids).
 
@@ -169,13 +182,8 @@ def build_seg(headers: list[Dataset], labels: np.ndarray, system, mode: str, kin
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues[check_seg_type(kind).upper()],
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=901,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ovcf",
+        **_new_series(901, system),
         manufacturer_model_name="ovcf vertebral bodies",
-        software_versions=_version(system),
         device_serial_number="0",
         content_label="VERTEBRAE",
         series_description=f"ovcf vertebral bodies ({mode})",
@@ -270,15 +278,10 @@ def build_sr(headers: list[Dataset], seg: Dataset, levels: list[dict], system, m
     return hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg],
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=902,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ovcf",
+        **_new_series(902, system),
         is_complete=True,
         series_description=f"ovcf vertebral fractures ({mode})",
         coding_schemes=[scheme],
-        software_versions=_version(system),
     )
 
 

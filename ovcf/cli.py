@@ -193,17 +193,17 @@ class CommandError(OvcfError):
     """A command that another one runs failed: what was done stays, the same command resumes."""
 
 
-def run_command(argv: list[str], log: Path) -> None:
-    """Runs `python -m <argv>`, echoing its output to the console and to `log`.
+def run_command(argv: list[str], log_file: Path) -> None:
+    """Runs `python -m <argv>`, echoing its output to the console and to `log_file`.
 
     Commands that chain others (the study, leave-one-style-out) run each as its own process, as a
     user would type it, so no entry point imports another."""
     log.info("$ python -m " + " ".join(argv))
-    with open(log, "a") as fh:
+    with open(log_file, "a") as fh:
         proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sys.stdout.write(line)
             fh.write(line)
         code = proc.wait()
     if code != 0:
-        raise CommandError(f"{argv[0]} failed (exit {code}); its output is in {log}. Fix it and re-run the same command")
+        raise CommandError(f"{argv[0]} failed (exit {code}); its output is in {log_file}. Fix it and re-run the same command")

@@ -76,8 +76,24 @@ class ConsoleHandler(logging.StreamHandler):
         self.addFilter(RankZeroFilter())
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _on_screen_already(record.name):
+            return
         self.stream = sys.stderr if record.levelno >= logging.ERROR else sys.stdout
         super().emit(record)
+
+
+def _on_screen_already(name: str) -> bool:
+    """Whether a logger on the way from `name` to the root prints to the terminal itself: `import
+    lightning` gives its logger a console handler of its own ("INFO: Seed set to 0") and lets the record
+    go on to the root, where the command's console would print it a second time."""
+    logger = logging.getLogger(name)
+    while logger.parent is not None:  # the root has no parent
+        if any(type(h) is logging.StreamHandler for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -147,3 +147,8 @@ def test_the_console_prints_plain_lines_once_and_on_rank_zero_only(rank, capsys)
     rank(lightning=None, env=0)
     log.info("back on rank zero")
     assert capsys.readouterr().out == "back on rank zero\n"
+
+    import lightning  # noqa: F401 - its logger prints on its own ("INFO: ...", stderr) and propagates
+
+    logging.getLogger("lightning.pytorch.utilities.seed").info("Seed set to 0")
+    assert "Seed set to 0" not in capsys.readouterr().out, "Lightning's messages appear once, not twice"

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,23 +36,18 @@ def synthetic_params(name: str = "default", **override) -> dict:
     return params
 
 
-def shared_folder(tmp_path_factory) -> Path:
-    """This test run's folder, the same for every xdist worker (without xdist: the session's own)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def build_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """The folder `name`, built by `build(folder)` once per test run and shared by every xdist worker.
 
     Whichever worker asks first builds it under a file lock; the others wait, then reuse it. So the
-    session's cohorts are made once however pytest spreads the tests over workers (no reliance on
-    `--dist loadgroup`). A build that failed, or was cut off, is redone by the next worker that asks
-    (and fails there too, with its own message).
+    session's cohort and smoke study are made once however pytest spreads the tests over workers
+    (no reliance on `--dist loadgroup`). A build that failed, or was cut off, is redone by the next
+    worker that asks (and fails there too, with its own message).
     """
     from filelock import FileLock
 
-    shared = shared_folder(tmp_path_factory)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder under xdist
     folder = shared / name
     with FileLock(f"{folder}.lock"):
         if not (shared / f"{name}.built").exists():
@@ -198,62 +192,24 @@ def study_args(cohort: Path, out: Path) -> list[str]:
     ]
 
 
-def _study_root(tmp_path_factory) -> Path:
-    return shared_folder(tmp_path_factory) / "study"
-
-
-def start_study(tmp_path_factory, cli_env: dict, phi_cohort) -> dict:
-    """Starts the smoke study in the background, once per test run (whichever worker comes first);
-    returns its environment. Its exit status lands in `returncode` next to its `output.txt`."""
-    from filelock import FileLock
-
-    root = _study_root(tmp_path_factory)
-    env = {**cli_env, "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb")}
-    with FileLock(f"{root}.lock"):
-        if not root.exists():
-            root.mkdir()
-            command = [sys.executable, "-m", "ovcf.study", *study_args(phi_cohort[0], root / "study")]
-            script = '"$@" > output.txt 2>&1; echo $? > returncode.tmp; mv returncode.tmp returncode'
-            subprocess.Popen(["sh", "-c", script, "sh", *command], cwd=root, env=env, start_new_session=True)
-    return env
-
-
-def wait_for_study(tmp_path_factory, timeout: float = 1800) -> int | None:
-    """The smoke study's exit status, once it has ended (None: not started in this run)."""
-    root = _study_root(tmp_path_factory)
-    if not root.exists():
-        return None
-    deadline = time.time() + timeout
-    while not (root / "returncode").exists():
-        assert time.time() < deadline, f"the smoke study did not end within {timeout:.0f} s: {root / 'output.txt'}"
-        time.sleep(1)
-    return int((root / "returncode").read_text())
-
-
-@pytest.fixture(scope="session", autouse=True)
-def study_in_background(request, tmp_path_factory):
-    """Starts the smoke study as the run begins, when any collected test needs it: it trains while the
-    workers run the other tests, rather than holding up the first study test for minutes. The run
-    waits for it at the end, since another worker may still be reading it."""
-    if any("smoke_study" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        start_study(tmp_path_factory, request.getfixturevalue("cli_env"), request.getfixturevalue("phi_cohort"))
-    yield
-    wait_for_study(tmp_path_factory)
-
-
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory, cli_env, phi_cohort):
-    """The whole study (`python -m ovcf.study`) on the PHI-planted tiny cohort, run once per test run:
+    """The whole study (`python -m ovcf.study`) on the PHI-planted tiny cohort, run once per session:
     the segmenter sweep, predicted masks, the classifier sweep, the external report and the system.
     Tests of each stage read its folder; the privacy test searches all of it."""
     from types import SimpleNamespace
 
-    env = start_study(tmp_path_factory, cli_env, phi_cohort)
-    code = wait_for_study(tmp_path_factory)
-    root = _study_root(tmp_path_factory)
+    def env(root: Path) -> dict:
+        return {**cli_env, "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb")}
+
+    def build(root: Path) -> None:
+        proc = run_cli("ovcf.study", study_args(phi_cohort[0], root / "study"), env(root), root, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (root / "output.txt").write_text(proc.stdout + proc.stderr)
+
+    root = build_once(tmp_path_factory, "study", build)
     output = (root / "output.txt").read_text()
-    assert code == 0, output[-6000:]
-    return SimpleNamespace(folder=root / "study", root=root, env=env, output=output, secrets=phi_cohort[1])
+    return SimpleNamespace(folder=root / "study", root=root, env=env(root), output=output, secrets=phi_cohort[1])
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,6 @@ def evaluated_sweep(smoke_study) -> Path:
     return smoke_study.folder / "evaluation"
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_evaluate_a_sweep(evaluated_sweep, tiny_sweep, smoke_study, phi_cohort, tmp_path):
     out = evaluated_sweep
     report = json.loads((out / "metrics.json").read_text())
@@ -133,7 +132,6 @@ def render(page, screenshot) -> str:
     return subprocess.run([browser(), *flags, "--dump-dom", url], check=True, timeout=120, capture_output=True, text=True).stdout
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 @pytest.mark.skipif(browser() is None, reason="needs Chromium (make test and .ci/run install Debian's chromium)")
 def test_report_renders_in_a_browser(evaluated_sweep):
     out = evaluated_sweep
@@ -150,7 +148,6 @@ def test_report_renders_in_a_browser(evaluated_sweep):
     assert (screenshots / "report.png").stat().st_size > 50_000
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_notebook_rebuilds_the_evaluation(evaluated_sweep, monkeypatch):
     """notebooks/evaluation.ipynb runs on an evaluation folder; it recomputes every model's threshold,
     AUC and confusion counts from predictions.csv and asserts they equal metrics.json."""

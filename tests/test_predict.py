@@ -75,7 +75,6 @@ def test_heights_flag_exactly_the_fractured_levels(tiny_cohort):
             assert h["height_loss"] >= 0.2 and 0 < h["anterior_ratio"] and h["anterior_mm"] > 5
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_export_round_trip(system, tmp_path):
     """The folder loads on its own (moved away from its runs); metadata has the bundle keys; the threshold is evaluate's."""
     from ovcf.eval.external import Scoring, evaluate_predictions
@@ -186,7 +185,6 @@ def _leaks(root: Path, secrets: dict[str, str], text: str = "") -> list[str]:
     return found
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     """An export of several patients: report, PNGs, NIfTI, DICOM SEG and SR for the good one, the bad one refused,
     no PHI. The SEG is a LABELMAP with one segment per level of the NIfTI mask; the SR holds predict's own results."""
@@ -263,7 +261,6 @@ def test_predict_on_a_dicom_export(system, two_patients, tmp_path, capsys):
     assert [(e["level"], e["status"]) for e in entries] == [("C1", "not_in_fov"), (found, "classified")]
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_predict_writes_a_pacs_seg_and_sr_on_request(system, two_patients, tmp_path):
     """seg_mode=pacs: the SEG and SR carry the patient's ID and the CT's study and series, so a PACS files them with
     the CT; `dicom_sr=true` alone writes the SEG it references too; `seg_type=binary`: the classic Segmentation SOP class."""
@@ -292,7 +289,6 @@ def test_predict_writes_a_pacs_seg_and_sr_on_request(system, two_patients, tmp_p
             predict_run(compose_cfg("predict", [*args[:3], wrong]))
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_a_rejected_series_is_refused_in_one_line(system, two_patients, tmp_path, capsys):
     """One patient whose CT ingest would reject: the entry point exits 2 with one line naming the series and reason."""
     from ovcf.cli import guarded
@@ -358,7 +354,6 @@ def fallback_export(tiny_cohort, tmp_path_factory) -> Path:
     return cohort
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_ingest_segment_and_predict_choose_the_same_series(system, fallback_export, tmp_path):
     """The one CT path: ingest, segment and predict reject the same broken series and use the same fallback."""
     from ovcf.data.ct import USED

@@ -35,7 +35,6 @@ def _leaks(root, secrets: dict[str, str]) -> list[str]:
     return found
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_no_phi_in_anything_the_pipeline_writes(smoke_study, phi_cohort, tmp_path, capsys):
     from ovcf.predict import run as predict_run
 

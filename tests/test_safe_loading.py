@@ -50,7 +50,6 @@ def _copy(system: Path, tmp: Path) -> tuple[Path, dict]:
     return folder, json.loads((folder / "configs" / "inference.json").read_text())
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_the_exported_system_holds_no_pickle_and_loads_the_trained_weights(exported, smoke_study):
     """Weights are safetensors, everything else JSON; loaded models equal the runs' checkpoints."""
     from ovcf.inference.models import load_classifier, load_segmenter
@@ -73,7 +72,6 @@ def test_the_exported_system_holds_no_pickle_and_loads_the_trained_weights(expor
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in task.state_dict().items())
 
 
-@pytest.mark.xdist_group("study")
 def test_a_crafted_model_file_runs_nothing(exported, tmp_path):
     """`ovcf.predict system=DIR` with a pickle planted as the segmenter: one line naming it, no payload run."""
     folder, _ = _copy(exported, tmp_path)
@@ -91,7 +89,6 @@ def test_a_crafted_model_file_runs_nothing(exported, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xdist_group("study")
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "link"])
 def test_a_model_file_outside_the_folder_is_refused(exported, tmp_path, where):
     """`inference.json` may only name files inside the system folder: an absolute path, `..` or a link out is refused."""
@@ -111,7 +108,6 @@ def test_a_model_file_outside_the_folder_is_refused(exported, tmp_path, where):
     assert not marker.exists()
 
 
-@pytest.mark.xdist_group("study")
 def test_an_old_pickled_system_is_refused_unread(exported, tmp_path):
     """A format-1 folder (pickled .ckpt models) is refused before any model file is opened."""
     from ovcf.inference.system import load_system

@@ -17,7 +17,6 @@ from conftest import STUDY_MODELS, compose_cfg, run_cli, study_args
 from ovcf.study import STAGES, commands
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_study_folder_holds_every_stage_and_the_choices(smoke_study):
     folder = smoke_study.folder
     manifest = json.loads((folder / "study.json").read_text())
@@ -40,7 +39,6 @@ def test_study_folder_holds_every_stage_and_the_choices(smoke_study):
     assert (folder / "system" / "configs" / "metadata.json").is_file()
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(smoke_study, phi_cohort):
     args = study_args(phi_cohort[0], smoke_study.folder)
     proc = run_cli("ovcf.study", args, smoke_study.env, smoke_study.root)
@@ -50,7 +48,6 @@ def test_rerun_skips_finished_stages_and_other_settings_are_refused(smoke_study,
     assert proc.returncode == 2 and "other settings (classifiers)" in proc.stderr and "name=NEW" in proc.stderr
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 @pytest.mark.slow
 def test_a_study_killed_mid_epoch_resumes_to_the_same_metrics(smoke_study, phi_cohort, tmp_path):
     """The classifier stage is killed (SIGKILL, the whole process group) during the second epoch of its

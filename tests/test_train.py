@@ -72,7 +72,6 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     assert {p["style"]["name"] for c in held_out for p in c["patients"]} == {"plate"}
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_segmenter_sweep_writes_a_leaderboard(smoke_study):
     """The study's segmenter sweep (U-Net, UNETR++) ran end to end; the leaderboard marks the best by val Dice."""
     sweep = smoke_study.folder / "segmentation"
@@ -89,7 +88,6 @@ def test_segmenter_sweep_writes_a_leaderboard(smoke_study):
     assert table[0]["best"] == "*" and (sweep / "leaderboard.md").exists()
 
 
-@pytest.mark.xdist_group("study")  # reads the session's smoke study: same xdist worker
 def test_multirun_on_a_given_cohort_writes_one_result_per_model(tiny_sweep):
     models = {json.loads((tiny_sweep / str(i) / "results.json").read_text())["model"] for i in (0, 1)}
     assert models == {"densenet121", "densenet121_3d"}

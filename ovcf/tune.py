@@ -37,9 +37,9 @@ import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from ovcf.atomic import write_csv, write_text
 from ovcf.cli import check_overrides, config_dir, guarded, setup_logging
 from ovcf.errors import ConfigError, OvcfError
+from ovcf.eval.leaderboard import write_tables
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _cell(value) -> str:
+def _cell(value, column: str = "") -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value)
@@ -257,21 +257,13 @@ def leaderboard_rows(study, metric: str) -> list[dict]:
 
 def write_leaderboard(study, folder: Path, metric: str) -> Path:
     """`leaderboard.csv` and `leaderboard.md` of every trial in `folder`; returns the Markdown path."""
-    table = leaderboard_rows(study, metric)
-    columns = list(dict.fromkeys(["best", *(k for row in table for k in row if k != "best")]))
-    write_csv(folder / "leaderboard.csv", table, columns, restval="")
-    lines = [
+    heading = [
         f"# Study {study.study_name}",
         "",
         f"Trials ranked by {metric} (validation, development center; {study.direction.name.lower()}); "
         "test = external center, never used to choose.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in table),
     ]
-    write_text(folder / "leaderboard.md", "\n".join(lines) + "\n")
-    return folder / "leaderboard.md"
+    return write_tables(folder, leaderboard_rows(study, metric), heading, _cell)
 
 
 def _refuse_runner_options(overrides: list[str]) -> None:

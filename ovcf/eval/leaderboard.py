@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -79,18 +80,28 @@ def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
     table = rows(collect(sweep_dir), metric)
     if not table:
         return None
-    columns = list(dict.fromkeys(["best", *(k for row in table for k in row if k != "best")]))
-    write_csv(sweep_dir / "leaderboard.csv", table, columns, restval="")
-    lines = [
+    heading = [
         f"# Leaderboard: {sweep_dir.name}",
         "",
         f"Ranked by {metric} (validation, development center); test = external center, never used to choose.",
+    ]
+    return write_tables(sweep_dir, table, heading)
+
+
+def write_tables(folder: Path, table: list[dict], heading: list[str], cell: Callable[[object, str], str] = _cell) -> Path:
+    """`leaderboard.csv` and `leaderboard.md` (under `heading`) of `table`, ranked rows with a `best`
+    column, in `folder`: a sweep's runs here, an Optuna study's trials in ovcf.tune. Returns the
+    Markdown path."""
+    columns = list(dict.fromkeys(["best", *(k for row in table for k in row if k != "best")]))
+    write_csv(folder / "leaderboard.csv", table, columns, restval="")
+    lines = [
+        *heading,
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c, ""), c) for c in columns) + " |" for row in table),
+        *("| " + " | ".join(cell(row.get(c, ""), c) for c in columns) + " |" for row in table),
     ]
-    path = sweep_dir / "leaderboard.md"
+    path = folder / "leaderboard.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
 

@@ -159,12 +159,20 @@ def plant_phi(src: Path, dst: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def phi_cohort(tmp_path_factory, tiny_cohort) -> tuple[Path, dict]:
-    """The tiny cohort with PHI planted everywhere (see `plant_phi`), and the planted values."""
+def phi_cohort(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny cohort with PHI planted everywhere (see `plant_phi`), and the planted values.
+
+    It is the smoke study's cohort, and the study's segmenter trains for one epoch on two scans: enough
+    to find bodies in one look, not in four. So its patients are drawn in the classic style alone (the
+    tiny cohort mixes them all); segmenting every style is the full study's job, not a smoke test's."""
     import json
 
+    from ovcf.synth.cohort import generate_cohort
+
     def build(folder: Path) -> None:
-        (folder / "secrets.json").write_text(json.dumps(plant_phi(tiny_cohort, folder / "export")))
+        params = synthetic_params(patients_per_center=4, n_levels=[5, 5], style_mix=["classic"])
+        generate_cohort(folder / "source", num_workers=2, progress=False, **params)
+        (folder / "secrets.json").write_text(json.dumps(plant_phi(folder / "source", folder / "export")))
 
     folder = build_once(tmp_path_factory, "phi", build)
     return folder / "export", json.loads((folder / "secrets.json").read_text())
@@ -216,6 +224,27 @@ def smoke_study(tmp_path_factory, cli_env, phi_cohort):
 def tiny_sweep(smoke_study) -> Path:
     """The study's classifier sweep: DenseNet-121 in 2.5D (run 0) and 3D (run 1), smoke settings."""
     return smoke_study.folder / "classification"
+
+
+def check_heights_flag_fractures(mask: Path, fractured: set[str]) -> dict:
+    """`levels=auto` (Genant grade >= 1 from the mask's heights) picks every fractured body of `mask`;
+    it picks no other, except that on slices over 2 mm a normal body may cross the 20% bound by the
+    one slice its heights are quantized to. Returns the heights."""
+    import nibabel as nib
+    import numpy as np
+
+    from ovcf.data.heights import level_heights
+    from ovcf.inference.patient import choose_levels
+
+    img = nib.as_closest_canonical(nib.load(mask))
+    slice_mm = float(img.header.get_zooms()[2])
+    heights = level_heights(np.asarray(img.dataobj).astype(np.int16), img.header.get_zooms())
+    flagged = set(choose_levels("auto", heights))
+    assert fractured <= flagged, (mask.name, fractured - flagged, heights)
+    for level in flagged - fractured:
+        h = heights[level]
+        assert slice_mm > 2.0 and h["height_loss"] < 0.2 + slice_mm / h["posterior_mm"], (mask.name, level, slice_mm, h)
+    return heights
 
 
 def run_cli(module: str, args: list[str], env: dict, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -25,7 +25,6 @@ def test_ddp_on_cpu_matches_one_process(tmp_path, tiny_cohort, cli_env):
         "trainer.max_epochs=3",
         "model.lr=1e-3",
         "data.batch_size=2",  # the tiny cohort trains on 3 vertebrae: one whole global batch of 2 per epoch
-        "model.sign_heads=false",  # the sign loss is a mean over each rank's labelled rows, not the global batch's
     ]
     env = {**cli_env, "OMP_NUM_THREADS": "1"}
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy=ddp_spawn", "trainer.sync_batchnorm=false"]

@@ -73,13 +73,16 @@ def test_generated_series_match_simpleitk(tiny_cohort):
 
 
 def test_both_scanner_profiles_and_slice_orders_are_read(tiny_cohort):
-    by_center = {}
+    """Head-first and feet-first exports of both scanners read with the voxel size their headers give
+    (each patient's rendering style draws its own slice spacing; the pixel spacing is the center's)."""
+    pixel = {}
     for s in series_of(tiny_cohort):
-        ds = pydicom.dcmread(s.slices[0].path, stop_before_pixels=True)
-        by_center.setdefault(ds.PatientPosition, []).append(load_series(s))
-    assert set(by_center) == {"HFS", "FFS"}  # head-first and feet-first exports
-    spacings = {tuple(np.round(v.canonical().spacing, 2)) for vols in by_center.values() for v in vols}
-    assert spacings == {(0.8, 0.8, 1.0), (1.0, 1.0, 1.5)}
+        headers = [pydicom.dcmread(sl.path, stop_before_pixels=True) for sl in s.slices]
+        z = sorted(float(h.ImagePositionPatient[2]) for h in headers)
+        expected = [*map(float, headers[0].PixelSpacing), float(np.median(np.diff(z)))]
+        assert np.round(load_series(s).canonical().spacing, 2).tolist() == np.round(expected, 2).tolist(), s.patient_id
+        pixel.setdefault(headers[0].PatientPosition, set()).add(round(float(headers[0].PixelSpacing[0]), 2))
+    assert pixel == {"HFS": {0.8}, "FFS": {1.0}}  # center A head-first at 0.8 mm, center B feet-first at 1.0 mm
 
 
 def test_masks_land_on_vertebral_bodies(tiny_cohort):
@@ -97,7 +100,9 @@ def test_masks_land_on_vertebral_bodies(tiny_cohort):
             body = ct.array[labels == level]
             anterior = ct.array[np.roll(labels == level, shift, axis=1)]
             ml = (labels == level).sum() * np.prod(ct.spacing) / 1000
-            assert np.median(body) > 60 and np.median(body) > np.median(anterior) + 60, "mask voxels must sit on bone"
+            # Cancellous bone (its median) and the cortical shell (its top decile), whatever the style's density
+            assert np.median(body) > 60 and np.median(body) > np.median(anterior) + 40, "mask voxels must sit on bone"
+            assert np.percentile(body, 90) > np.percentile(anterior, 90) + 250, "the mask holds the cortical shell"
             assert 3 < ml < 60
     assert orientations == {("L", "P", "S"), ("R", "A", "S")}
 

@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import synthetic_params
+from conftest import check_heights_flag_fractures, synthetic_params
 from omegaconf import OmegaConf
 from scipy import ndimage
 
@@ -246,7 +246,8 @@ STYLES = ["classic", "round", "box", "plate"]
 
 @pytest.mark.parametrize("index,style", enumerate(STYLES))
 def test_each_style_renders_a_valid_cohort(tmp_path, index, style):
-    """One patient per style (on alternating centers): masks on the bone, signs column as in synth.json."""
+    """One patient per style (on alternating centers): masks on the bone, signs column as in synth.json, heights
+    that flag the fractured levels."""
     import json
 
     params = synthetic_params(patients_per_center=1, n_levels=[5, 5], plant={}, difficulty=0.1, style_mix=[style])
@@ -261,6 +262,8 @@ def test_each_style_renders_a_valid_cohort(tmp_path, index, style):
     assert any(rows.values()), "difficulty 0.1: the fractures show signs"
     for f in patient["fractures"]:
         assert all("variant" in sign or name == "osteophytes" for name, sign in f["signs"].items())
+    # Every style's normal bodies read as normal: Genant's heights flag the fractured levels
+    check_heights_flag_fractures(cohort / "masks" / f"{patient['patient_id']}.nii.gz", {f["level"] for f in patient["fractures"]})
 
 
 def _looks(*names):

@@ -141,10 +141,20 @@ class ClassificationTask(L.LightningModule):
         return torch.sigmoid(self.sign_head(self.net(image)).float())
 
     def sign_loss(self, logits: torch.Tensor, signs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """Mean BCE over the signs of the rows whose signs are known; 0 (still on the graph, for DDP) when none is."""
-        if not bool(known.any()):
-            return logits.sum() * 0.0
-        return F.binary_cross_entropy_with_logits(logits[known].float(), signs[known].float())
+        """Mean BCE over the signs of the rows whose signs are known, in the global batch.
+
+        Under DDP each rank may hold a different number of labelled rows, so a per-rank mean would
+        weigh rows unequally: each rank divides its sum by the count over all ranks (times the world
+        size, which DDP's gradient averaging divides out again). 0, still on the graph, when no row is known.
+        """
+        per_row = F.binary_cross_entropy_with_logits(logits.float(), signs.float(), reduction="none").mean(1)
+        total = (per_row * known.to(per_row.dtype)).sum()
+        count = known.sum().to(per_row.dtype)
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            count = trainer.strategy.reduce(count.detach(), reduce_op="sum")
+        return total * world / count.clamp(min=1.0)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)

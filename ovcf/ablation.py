@@ -16,12 +16,21 @@ import torch
 
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import binary_scores
-from ovcf.inference.models import score
-from ovcf.inference.runs import cohort_dataset
+from ovcf.inference.models import load_classifier, score
+from ovcf.inference.runs import cohort_dataset, run_members
 from ovcf.synth.anatomy import ablation_cues
 from ovcf.synth.cohort import generate_cohort, synthetic_folder
 
 log = logging.getLogger(__name__)
+
+
+def load_models(source: Path, device) -> tuple[list, dict]:
+    """The classifiers that score: a checkpoint file alone, or a run folder's test models (the fold
+    ensemble of a `cv.folds` run, as its own external test); and the first one's data settings."""
+    source = Path(source).expanduser()
+    checkpoints = [ckpt for _, ckpt in run_members(source, "test")] if source.is_dir() else [source]
+    loaded = [load_classifier(ckpt, device) for ckpt in checkpoints]
+    return [task for task, _ in loaded], loaded[0][1]
 
 
 def check_variants(synthetic: dict, signs) -> list[str]:

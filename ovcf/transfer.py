@@ -20,12 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ovcf.ablation import ablation_table, check_variants
+from ovcf.ablation import ablation_table, check_variants, load_models
 from ovcf.atomic import write_csv, write_text
 from ovcf.cli import debug_choice, device, hydra_main, run_command
 from ovcf.errors import ConfigError
-from ovcf.inference.models import load_classifier
-from ovcf.inference.runs import run_members
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,7 @@ def transfer(cfg: DictConfig) -> Path:
         results = train_run(cfg, train_styles, folder)
         if results.get("test") is None:
             raise ConfigError("leave-one-style-out scores the runs' external center: train on a two-center synthetic cohort")
-        members = run_members(folder, "test")
-        loaded = [load_classifier(ckpt, device(cfg.device)) for _, ckpt in members]
-        tasks, data = [task for task, _ in loaded], loaded[0][1]
+        tasks, data = load_models(folder, device(cfg.device))
         synthetic = dict(data["synthetic"])
         center = cfg.center or data.get("external_center") or sorted(synthetic["centers"])[1]
         variants = check_variants(synthetic, cfg.signs) if cfg.ablation else []

@@ -46,8 +46,8 @@ def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     assert out.shape == (2,)
 
     # Sign ablation re-renders the external center from the checkpoint's generator settings: with
-    # nothing switched off it reproduces the run's external AUROC on the same rows.
-    args = [f"ckpt={run / results['best_checkpoint']}", "signs=[impaction_band]", "progress=false"]
+    # nothing switched off, the run folder's test models reproduce the run's external AUROC on the same rows.
+    args = [f"ckpt={run}", "signs=[impaction_band]", "progress=false"]
     proc = run_cli("ovcf.sign_ablation", [*args, f"hydra.run.dir={tmp_path / 'ablation'}"], cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = list(csv.DictReader(open(tmp_path / "ablation" / "sign_ablation.csv")))

@@ -57,3 +57,13 @@ def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str], **option
             writer.writerows(rows)
 
     write_atomic(path, write)
+
+
+def exclusive(path: Path):
+    """A lock on `path` (a folder or file another process may be writing) for the processes of this
+    machine, as a context manager: the study runs a sweep's trainings side by side, and the first of them
+    builds the shared cohort and cache while the others wait, then reuse it."""
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.lock")

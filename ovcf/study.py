@@ -8,7 +8,8 @@ Stages, in order, each one a command a user could type (and the study prints it)
 4. `evaluation`: `ovcf.evaluate` of every classifier on the external center (`report.html`);
 5. `system`: the chosen segmenter, classifier and frozen threshold exported for `ovcf.predict`.
 
-Choices read validation metrics only. Everything lands in one folder, `logs/study/<name>`, with a
+On a CPU the runs of a sweep go side by side (`jobs`), each a plain `ovcf.train` run in the folder the
+multirun would give it. Choices read validation metrics only. Everything lands in one folder, `logs/study/<name>`, with a
 `study.json` manifest (config, versions, seeds, data hash, chosen models, stage times). Re-running
 the same command skips finished stages; in an interrupted stage, runs that finished are kept and
 the one cut off continues from its `last.ckpt` (`resume=true`).
@@ -25,9 +26,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.atomic import write_json
-from ovcf.cli import CommandError, debug_choice, hydra_main, run_command
+from ovcf.cli import CommandError, cpu_cores, debug_choice, device, hydra_main, run_command, run_commands
 from ovcf.errors import ConfigError
-from ovcf.eval.leaderboard import collect, rows
+from ovcf.eval.leaderboard import announce, collect, rows
 from ovcf.eval.report import versions
 from ovcf.inference.system import export_system
 
@@ -70,6 +71,47 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
             *cfg.evaluate_overrides,
         ],
     }  # fmt: skip
+
+
+SWEEPS = {"segmentation": ("segmenters", "val/dice"), "classification": ("classifiers", "val/auroc")}
+
+
+def side_by_side(cfg: DictConfig, runs: int) -> int:
+    """How many runs of a sweep go at once: `jobs`, or (null) all of them on a CPU and one by one on a
+    GPU (a launcher, such as slurm, schedules its own)."""
+    if cfg.launcher or runs < 2:
+        return 1
+    if cfg.jobs is not None:
+        return max(1, min(int(cfg.jobs), runs))
+    return 1 if device("auto") != "cpu" else runs
+
+
+def sweep_runs(argv: list[str], models: list[str], sweep: Path) -> dict[str, list[str]]:
+    """A sweep's multirun command as one command per model, each in the folder Hydra's sweep gives it
+    (`sweep/0`, `sweep/1`, ...), so either way of running leaves the same folder."""
+
+    def run(i: int, model: str) -> list[str]:
+        swap = {"model": f"model={model}", "hydra.sweep.dir": f"hydra.run.dir={sweep / str(i)}"}
+        return [swap.get(a.split("=", 1)[0], a) for a in argv if a != "-m"]
+
+    return {model: run(i, model) for i, model in enumerate(models)}
+
+
+def run_sweep(cfg: DictConfig, stage: str, argv: list[str], folder: Path) -> None:
+    """Runs a sweep stage: as one multirun command, or its runs side by side (`side_by_side`), each with
+    an equal share of the CPU cores as torch threads, and then the sweep's leaderboard."""
+    key, metric = SWEEPS[stage]
+    models = list(cfg.study[key])
+    jobs = side_by_side(cfg, len(models))
+    if jobs == 1:
+        run_command(argv, folder / f"{stage}.log")
+        return
+    threads = max(1, cpu_cores() // jobs)
+    log.info(
+        f"[{stage}] {len(models)} runs side by side, {jobs} at a time with {threads} torch thread(s) each (jobs=1: one by one)"
+    )
+    run_commands(sweep_runs(argv, models, folder / stage), folder / f"{stage}.log", jobs, threads)
+    announce(folder / stage, metric)
 
 
 def best_run(sweep: Path, metric: str) -> tuple[Path, dict]:
@@ -131,6 +173,8 @@ def study(cfg: DictConfig) -> Path:
         segmenter = Path(chosen["segmenter"]["checkpoint"]) if "segmenter" in chosen else None
         if stage == "system":
             export_system(Path(chosen["classifier"]["run"]), segmenter, folder / "system", folder / "evaluation")
+        elif stage in SWEEPS:
+            run_sweep(cfg, stage, commands(cfg, folder, segmenter, debug_choice())[stage], folder)
         else:
             run_command(commands(cfg, folder, segmenter, debug_choice())[stage], folder / f"{stage}.log")
         if stage == "segmentation":

@@ -152,3 +152,39 @@ def test_the_console_prints_plain_lines_once_and_on_rank_zero_only(rank, capsys)
 
     logging.getLogger("lightning.pytorch.utilities.seed").info("Seed set to 0")
     assert "Seed set to 0" not in capsys.readouterr().out, "Lightning's messages appear once, not twice"
+
+
+def test_commands_run_side_by_side_and_one_failure_stops_none(tmp_path, capsys):
+    """`run_commands` (the study's sweeps on a CPU): every run's lines reach the console and the log after
+    its name, the thread count reaches each run, and a failed run is named while the others finish."""
+    from ovcf.cli import CommandError, run_commands
+
+    show = ["ovcf.__main__", "--help"]  # a command that loads nothing heavy
+    log = tmp_path / "sweep.log"
+    run_commands({"a": show, "b": show}, log, jobs=2, threads=3)
+    out = capsys.readouterr().out
+    text = log.read_text()
+    for name in ("a", "b"):
+        assert f"[{name}] " in out and f"[{name}] " in text
+    assert all(line.startswith(("[a] ", "[b] ")) for line in text.splitlines()), "whole lines, each after its run's name"
+
+    probe = ["ovcf.__main__", "--help"]
+    with pytest.raises(CommandError, match=r"ovcf\.nowhere \(bad\) failed .*sweep\.log") as err:
+        run_commands({"bad": ["ovcf.nowhere"], "good": probe}, log, jobs=2)
+    assert "(good)" not in str(err.value)
+    assert log.read_text().count("[good] ") == text.count("[a] "), "the good run went on to its end"
+
+
+def test_runs_started_together_share_one_new_pseudonym_key(tmp_path):
+    """Side-by-side runs on a fresh machine all create the key file at once: they must end up with one
+    key, or their caches would name the same patient differently."""
+    import multiprocessing
+
+    from ovcf.data.pseudonym import load_key
+
+    key_file = tmp_path / "config" / "pseudonym.key"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        keys = pool.map(load_key, [key_file] * 8)
+    assert len(set(keys)) == 1 and keys[0] == key_file.read_text().strip().encode()
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in key_file.parent.iterdir()] == ["pseudonym.key"], "no temporary file left"

@@ -94,3 +94,26 @@ def test_sweeps_go_to_the_launcher_and_the_rest_stays_local(tmp_path):
     assert not any(a.startswith("cv.folds") for a in argv["classification"]), "a debug cohort is too small to fold"
     full = commands(cfg, tmp_path, tmp_path / "best.ckpt")
     assert "cv.folds=3" in full["classification"], "classifiers are chosen by the mean over patient folds"
+
+
+def test_on_a_cpu_a_sweeps_runs_go_side_by_side_into_the_multiruns_folders(tmp_path):
+    """Without a launcher a sweep's runs start at once on a CPU (`jobs=null`), or `jobs` at a time, each
+    as the plain `ovcf.train` run that the multirun would have made, in the folder it would have used."""
+    import torch
+
+    from ovcf.study import side_by_side, sweep_runs
+
+    cfg = compose_cfg("study", ["seed=3"])
+    assert side_by_side(cfg, 3) == (1 if torch.cuda.is_available() else 3) and side_by_side(cfg, 1) == 1
+    assert side_by_side(compose_cfg("study", ["jobs=2"]), 3) == 2
+    assert side_by_side(compose_cfg("study", ["launcher=slurm", "jobs=2"]), 3) == 1, "a launcher schedules its own"
+    argv = commands(cfg, tmp_path, tmp_path / "best.ckpt")["classification"]
+    runs = sweep_runs(argv, list(cfg.study.classifiers), tmp_path / "classification")
+    assert list(runs) == list(cfg.study.classifiers)
+    for i, (model, run) in enumerate(runs.items()):
+        assert "-m" not in run and run[0] == "ovcf.train" and f"model={model}" in run
+        assert f"hydra.run.dir={tmp_path / 'classification' / str(i)}" in run
+        assert not any(a.startswith("hydra.sweep") for a in run)
+        assert [a for a in run if not a.startswith(("model=", "hydra.run.dir="))] == [
+            a for a in argv if a != "-m" and not a.startswith(("model=", "hydra.sweep.dir="))
+        ], "every other argument as the multirun has it, in its order"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovcf.atomic import write_atomic, write_csv, write_json
+from ovcf.atomic import exclusive, write_atomic, write_csv, write_json
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS, SIGNS_COLUMN, SIGNS_UNKNOWN
 from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, SpineQc, check_level, choose_ct, scan_folder
@@ -309,56 +309,59 @@ def ingest(
         if not masks.is_dir():
             raise CohortError(f"predicted masks folder {masks} does not exist; write it with python -m ovcf.segment ckpt=...")
     out = cache_folder(cohort, Path(cache_root), roi, masks)
-    key = load_key(key_file, cache_root)
-    settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
-    fingerprint, broken_masks = _fingerprint(cohort, f"{settings}|index {INDEX_VERSION}")
-    stamp = out / "fingerprint.json"
-    if cache_fingerprint(out) == fingerprint:
-        return out
+    with exclusive(out):  # runs started side by side: one ingests, the others wait and reuse the cache
+        key = load_key(key_file, cache_root)
+        settings = json.dumps([asdict(roi), asdict(checks), CACHE_VERSION, hashlib.sha256(key).hexdigest(), str(masks)])
+        fingerprint, broken_masks = _fingerprint(cohort, f"{settings}|index {INDEX_VERSION}")
+        stamp = out / "fingerprint.json"
+        if cache_fingerprint(out) == fingerprint:
+            return out
 
-    rows = read_clinical(cohort / CLINICAL_CSV)
-    check_one_center(rows, key)
-    for sub in ("samples", "patients"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    with worker_pool(num_workers) as pool:  # workers start once for both passes
-        scan = scan_folder(cohort / DICOM_DIR, num_workers, progress, pool)
-        records, jobs = {}, []
-        for job in _jobs(cohort, rows, scan.by_patient(), key, settings, roi, checks, out, masks):
-            done = out / "patients" / f"{job['pseudonym']}.json"
-            record = json.loads(done.read_text()) if done.exists() else {}
-            if record.get("hash") == job["hash"]:
-                records[job["pseudonym"]] = record
-            else:
-                (out / "samples" / f"{job['pseudonym']}.npz").unlink(missing_ok=True)
-                jobs.append(job)
-        if jobs:
-            for record in pool_map(_ingest_patient, jobs, num_workers, f"Ingesting {len(jobs)} patients", progress, pool):
-                records[record["rows"][0]["pseudonym"]] = record
-    for stale in (out / "patients").glob("*.json"):  # patients no longer in the cohort
-        if stale.stem not in records:
-            stale.unlink()
-            (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
-    signs = {r.row: r.signs for r in rows}  # from the CSV as it is now: a reused record may predate the column
-    index = sorted((r | {"signs": signs.get(r["row"])} for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"])
-    _write_index(out / "index.csv", index)
-    rejected = Counter(
-        s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in (USED, NOT_CANDIDATE, UNUSED)
-    )
-    totals = {
-        "files": len(scan.files),
-        **{kind: scan.kinds.get(kind, 0) for kind in FILE_KINDS},
-        "broken_link": scan.kinds.get("broken_link", 0) + broken_masks,
-        "series": len(scan.series),
-        "series_rejected": dict(sorted(rejected.items())),
-        "patients_reused": len(records) - len(jobs),
-        "patients_ingested": len(jobs),
-    }
-    write_flow(out, index, totals)  # no title naming the cohort folder: exports are often named after a patient
-    if all(rec["hash"] is not None for rec in records.values()):  # else: retry the failed patients next time
-        write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
-    else:
-        stamp.unlink(missing_ok=True)
-    return out
+        rows = read_clinical(cohort / CLINICAL_CSV)
+        check_one_center(rows, key)
+        for sub in ("samples", "patients"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        with worker_pool(num_workers) as pool:  # workers start once for both passes
+            scan = scan_folder(cohort / DICOM_DIR, num_workers, progress, pool)
+            records, jobs = {}, []
+            for job in _jobs(cohort, rows, scan.by_patient(), key, settings, roi, checks, out, masks):
+                done = out / "patients" / f"{job['pseudonym']}.json"
+                record = json.loads(done.read_text()) if done.exists() else {}
+                if record.get("hash") == job["hash"]:
+                    records[job["pseudonym"]] = record
+                else:
+                    (out / "samples" / f"{job['pseudonym']}.npz").unlink(missing_ok=True)
+                    jobs.append(job)
+            if jobs:
+                for record in pool_map(_ingest_patient, jobs, num_workers, f"Ingesting {len(jobs)} patients", progress, pool):
+                    records[record["rows"][0]["pseudonym"]] = record
+        for stale in (out / "patients").glob("*.json"):  # patients no longer in the cohort
+            if stale.stem not in records:
+                stale.unlink()
+                (out / "samples" / f"{stale.stem}.npz").unlink(missing_ok=True)
+        signs = {r.row: r.signs for r in rows}  # from the CSV as it is now: a reused record may predate the column
+        index = sorted(
+            (r | {"signs": signs.get(r["row"])} for rec in records.values() for r in rec["rows"]), key=lambda r: r["row"]
+        )
+        _write_index(out / "index.csv", index)
+        rejected = Counter(
+            s["status"] for rec in records.values() for s in rec["series"] if s["status"] not in (USED, NOT_CANDIDATE, UNUSED)
+        )
+        totals = {
+            "files": len(scan.files),
+            **{kind: scan.kinds.get(kind, 0) for kind in FILE_KINDS},
+            "broken_link": scan.kinds.get("broken_link", 0) + broken_masks,
+            "series": len(scan.series),
+            "series_rejected": dict(sorted(rejected.items())),
+            "patients_reused": len(records) - len(jobs),
+            "patients_ingested": len(jobs),
+        }
+        write_flow(out, index, totals)  # no title naming the cohort folder: exports are often named after a patient
+        if all(rec["hash"] is not None for rec in records.values()):  # else: retry the failed patients next time
+            write_json(stamp, {"fingerprint": fingerprint, "roi": asdict(roi), "version": CACHE_VERSION})
+        else:
+            stamp.unlink(missing_ok=True)
+        return out
 
 
 def _write_index(path: Path, index: list[dict]) -> None:

@@ -41,8 +41,15 @@ def load_key(key_file: str | Path | None = None, cache_dir: str | Path | None = 
         )
     if not key_file.exists():
         key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(secrets.token_hex(32))
-        key_file.chmod(0o600)
+        tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.tmp")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, key_file)  # never over a key that a run started alongside created first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return key_file.read_text().strip().encode()
 
 

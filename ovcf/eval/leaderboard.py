@@ -106,6 +106,18 @@ def write_tables(folder: Path, table: list[dict], heading: list[str], cell: Call
     return path
 
 
+def announce(sweep_dir: str | Path, metric: str) -> None:
+    """Writes the sweep's leaderboard and prints the winner (printed, not logged: see `Leaderboard`)."""
+    path = write_leaderboard(sweep_dir, metric)
+    if path is None:
+        print(f"No finished runs under {sweep_dir}: no leaderboard")
+        return
+    best = rows(collect(path.parent), metric)[0]
+    value = best["val_" + metric.removeprefix("val/")]
+    print(f"Best by {metric}: {best['model']} (run {best['run']}, {value:.3f})")
+    print(f"Leaderboard: {path} (and leaderboard.csv)")
+
+
 class Leaderboard(Callback):
     """Hydra callback: writes the sweep's leaderboard when a multirun ends and prints the winner."""
 
@@ -113,13 +125,5 @@ class Leaderboard(Callback):
         # Printed, not logged: this runs in the sweep's own process after its jobs, where the logging set
         # up is the last job's (its <job>.log would get the sweep's summary), or Hydra's under a launcher.
         metric = config.get("optimized_metric")
-        if not metric:
-            return
-        path = write_leaderboard(Path(config.hydra.sweep.dir), metric)
-        if path is None:
-            print(f"No finished runs under {config.hydra.sweep.dir}: no leaderboard")
-            return
-        best = rows(collect(path.parent), metric)[0]
-        value = best["val_" + metric.removeprefix("val/")]
-        print(f"Best by {metric}: {best['model']} (run {best['run']}, {value:.3f})")
-        print(f"Leaderboard: {path} (and leaderboard.csv)")
+        if metric:
+            announce(Path(config.hydra.sweep.dir), metric)

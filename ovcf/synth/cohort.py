@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ovcf.atomic import exclusive
 from ovcf.contract import (
     CLINICAL_CSV,
     DICOM_DIR,
@@ -315,9 +316,10 @@ def synthetic_folder(data_dir: Path, params: dict) -> Path:
 def synthetic_cohort(data_dir: Path, params: dict, num_workers: int = 1, progress: bool = True) -> Path:
     """The synthetic cohort of `params` under `data_dir` (absolute), generated on first use and reused after."""
     path = synthetic_folder(data_dir, params).resolve()
-    if not (path / "synth.json").exists():
-        log.info(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
-        params = {k: v for k, v in params.items() if k != "num_workers"}
-        generate_cohort(path, num_workers=num_workers, progress=progress, **params)
-        log.info(difficulty_summary(path))
+    with exclusive(path):  # runs started side by side: one generates, the others wait and reuse
+        if not (path / "synth.json").exists():
+            log.info(f"Generating the synthetic cohort into {path} (once; later runs reuse it)")
+            params = {k: v for k, v in params.items() if k != "num_workers"}
+            generate_cohort(path, num_workers=num_workers, progress=progress, **params)
+            log.info(difficulty_summary(path))
     return path

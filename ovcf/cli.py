@@ -228,6 +228,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def side_by_side(jobs: int | None, runs: int, launcher: str | None = None) -> int:
+    """How many of `runs` training runs go at once: `jobs`, or (None) all of them on a CPU and one by one
+    on a GPU; one by one under a launcher (such as slurm), which schedules its own."""
+    if launcher or runs < 2:
+        return 1
+    if jobs is not None:
+        return max(1, min(int(jobs), runs))
+    return 1 if device("auto") != "cpu" else runs
+
+
 def run_commands(runs: dict[str, list[str]], log_file: Path, jobs: int, threads: int | None = None) -> None:
     """Runs `python -m <argv>` for each named run, `jobs` at a time, each line of output echoed to the
     console and to `log_file` after its run's name (`[unet] ...`).

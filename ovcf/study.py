@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.atomic import write_json
-from ovcf.cli import CommandError, cpu_cores, debug_choice, device, hydra_main, run_command, run_commands
+from ovcf.cli import CommandError, cpu_cores, debug_choice, hydra_main, run_command, run_commands, side_by_side
 from ovcf.errors import ConfigError
 from ovcf.eval.leaderboard import announce, collect, rows
 from ovcf.eval.report import versions
@@ -76,16 +76,6 @@ def commands(cfg: DictConfig, folder: Path, segmenter_ckpt: Path | None = None, 
 SWEEPS = {"segmentation": ("segmenters", "val/dice"), "classification": ("classifiers", "val/auroc")}
 
 
-def side_by_side(cfg: DictConfig, runs: int) -> int:
-    """How many runs of a sweep go at once: `jobs`, or (null) all of them on a CPU and one by one on a
-    GPU (a launcher, such as slurm, schedules its own)."""
-    if cfg.launcher or runs < 2:
-        return 1
-    if cfg.jobs is not None:
-        return max(1, min(int(cfg.jobs), runs))
-    return 1 if device("auto") != "cpu" else runs
-
-
 def sweep_runs(argv: list[str], models: list[str], sweep: Path) -> dict[str, list[str]]:
     """A sweep's multirun command as one command per model, each in the folder Hydra's sweep gives it
     (`sweep/0`, `sweep/1`, ...), so either way of running leaves the same folder."""
@@ -102,7 +92,7 @@ def run_sweep(cfg: DictConfig, stage: str, argv: list[str], folder: Path) -> Non
     an equal share of the CPU cores as torch threads, and then the sweep's leaderboard."""
     key, metric = SWEEPS[stage]
     models = list(cfg.study[key])
-    jobs = side_by_side(cfg, len(models))
+    jobs = side_by_side(cfg.jobs, len(models), cfg.launcher)
     if jobs == 1:
         run_command(argv, folder / f"{stage}.log")
         return

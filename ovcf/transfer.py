@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from ovcf.ablation import ablation_table, check_variants, load_models
 from ovcf.atomic import write_csv, write_text
-from ovcf.cli import debug_choice, device, hydra_main, run_command
+from ovcf.cli import cpu_cores, debug_choice, device, hydra_main, run_command, run_commands, side_by_side
 from ovcf.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,26 +47,39 @@ def plan(cfg: DictConfig) -> list[tuple[list[str], list[str]]]:
     return [([s for s in mix if s != style], [style]) for style in asked]
 
 
-def train_run(cfg: DictConfig, styles: list[str], folder: Path) -> dict:
-    """Trains the recipe on a cohort of `styles` into `folder` (skipped when finished before)."""
+def train_argv(cfg: DictConfig, styles: list[str], folder: Path) -> list[str]:
+    """The `ovcf.train` command of the recipe on a cohort of `styles`, into `folder` (resumable)."""
     debug = debug_choice()
-    argv = [
+    return [
         "ovcf.train", f"synthetic.style_mix=[{','.join(styles)}]", f"hydra.run.dir={folder}", "resume=true",
         f"seed={cfg.seed}", *([f"debug={debug}"] if debug else []), *cfg.overrides,
     ]  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    run_command(argv, folder / "train.log")
-    return json.loads((folder / "results.json").read_text())
+
+
+def train_runs(cfg: DictConfig, out: Path, runs: list[tuple[list[str], list[str]]]) -> dict[str, Path]:
+    """Trains every run (skipped when finished before): side by side on a CPU (`jobs`), as the study's
+    sweeps; returns each run's folder by its name."""
+    folders = {"_".join(styles): out / ("train_" + "_".join(styles)) for styles, _ in runs}
+    argvs = {name: train_argv(cfg, styles, folders[name]) for name, (styles, _) in zip(folders, runs)}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    jobs = side_by_side(cfg.jobs, len(argvs))
+    if jobs == 1:
+        for name, argv in argvs.items():
+            run_command(argv, folders[name] / "train.log")
+    else:
+        run_commands(argvs, out / "train.log", jobs, max(1, cpu_cores() // jobs))
+    return folders
 
 
 def transfer(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)
+    folders = train_runs(cfg, out, runs)
     summary, ablation = [], []
-    for train_styles, held_out in runs:
-        folder = out / ("train_" + "_".join(train_styles))
-        results = train_run(cfg, train_styles, folder)
+    for (train_styles, held_out), folder in zip(runs, folders.values()):
+        results = json.loads((folder / "results.json").read_text())
         if results.get("test") is None:
             raise ConfigError("leave-one-style-out scores the runs' external center: train on a two-center synthetic cohort")
         tasks, data = load_models(folder, device(cfg.device))

@@ -101,12 +101,14 @@ def test_on_a_cpu_a_sweeps_runs_go_side_by_side_into_the_multiruns_folders(tmp_p
     as the plain `ovcf.train` run that the multirun would have made, in the folder it would have used."""
     import torch
 
-    from ovcf.study import side_by_side, sweep_runs
+    from ovcf.cli import side_by_side
+    from ovcf.study import sweep_runs
 
     cfg = compose_cfg("study", ["seed=3"])
-    assert side_by_side(cfg, 3) == (1 if torch.cuda.is_available() else 3) and side_by_side(cfg, 1) == 1
-    assert side_by_side(compose_cfg("study", ["jobs=2"]), 3) == 2
-    assert side_by_side(compose_cfg("study", ["launcher=slurm", "jobs=2"]), 3) == 1, "a launcher schedules its own"
+    assert cfg.jobs is None and compose_cfg("transfer").jobs is None
+    assert side_by_side(cfg.jobs, 3) == (1 if torch.cuda.is_available() else 3) and side_by_side(None, 1) == 1
+    assert side_by_side(2, 3) == 2 and side_by_side(5, 3) == 3
+    assert side_by_side(2, 3, "slurm") == 1, "a launcher schedules its own"
     argv = commands(cfg, tmp_path, tmp_path / "best.ckpt")["classification"]
     runs = sweep_runs(argv, list(cfg.study.classifiers), tmp_path / "classification")
     assert list(runs) == list(cfg.study.classifiers)

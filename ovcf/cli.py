@@ -238,15 +238,20 @@ def side_by_side(jobs: int | None, runs: int, launcher: str | None = None) -> in
     return 1 if device("auto") != "cpu" else runs
 
 
-def run_commands(runs: dict[str, list[str]], log_file: Path, jobs: int, threads: int | None = None) -> None:
+def run_commands(runs: dict[str, list[str]], log_file: Path, jobs: int) -> None:
     """Runs `python -m <argv>` for each named run, `jobs` at a time, each line of output echoed to the
     console and to `log_file` after its run's name (`[unet] ...`).
 
     On a CPU, small networks use a second core poorly (a DenseNet-121 step: 1.2x faster on 2 threads;
-    two processes of 1 thread: 2x), so a sweep's runs go faster side by side, each with `threads` torch
-    threads (`OMP_NUM_THREADS`; None: inherited). A run that fails does not stop the others: what they
-    computed is kept, and the error names every failed run."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    two processes of 1 thread: 2x), so a sweep's runs go faster side by side, each with an equal share of
+    the cores as torch threads (`OMP_NUM_THREADS`; one at a time: inherited). A run that fails does not
+    stop the others: what they computed is kept, and the error names every failed run."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, cpu_cores() // jobs))
+        log.info(
+            f"{len(runs)} runs side by side, {jobs} at a time, {env['OMP_NUM_THREADS']} torch thread(s) each (jobs=1: one by one)"
+        )
     lock = threading.Lock()
     failed: list[str] = []
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ovcf.atomic import write_json
-from ovcf.cli import CommandError, cpu_cores, debug_choice, hydra_main, run_command, run_commands, side_by_side
+from ovcf.cli import CommandError, debug_choice, hydra_main, run_command, run_commands, side_by_side
 from ovcf.errors import ConfigError
 from ovcf.eval.leaderboard import announce, collect, rows
 from ovcf.eval.report import versions
@@ -88,19 +88,15 @@ def sweep_runs(argv: list[str], models: list[str], sweep: Path) -> dict[str, lis
 
 
 def run_sweep(cfg: DictConfig, stage: str, argv: list[str], folder: Path) -> None:
-    """Runs a sweep stage: as one multirun command, or its runs side by side (`side_by_side`), each with
-    an equal share of the CPU cores as torch threads, and then the sweep's leaderboard."""
+    """Runs a sweep stage: as one multirun command, or its runs side by side (`side_by_side`,
+    `run_commands`), and then the sweep's leaderboard."""
     key, metric = SWEEPS[stage]
     models = list(cfg.study[key])
     jobs = side_by_side(cfg.jobs, len(models), cfg.launcher)
     if jobs == 1:
         run_command(argv, folder / f"{stage}.log")
         return
-    threads = max(1, cpu_cores() // jobs)
-    log.info(
-        f"[{stage}] {len(models)} runs side by side, {jobs} at a time with {threads} torch thread(s) each (jobs=1: one by one)"
-    )
-    run_commands(sweep_runs(argv, models, folder / stage), folder / f"{stage}.log", jobs, threads)
+    run_commands(sweep_runs(argv, models, folder / stage), folder / f"{stage}.log", jobs)
     announce(folder / stage, metric)
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from ovcf.ablation import ablation_table, check_variants, load_models
 from ovcf.atomic import write_csv, write_text
-from ovcf.cli import cpu_cores, debug_choice, device, hydra_main, run_command, run_commands, side_by_side
+from ovcf.cli import debug_choice, device, hydra_main, run_command, run_commands, side_by_side
 from ovcf.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train_runs(cfg: DictConfig, out: Path, runs: list[tuple[list[str], list[str]
         for name, argv in argvs.items():
             run_command(argv, folders[name] / "train.log")
     else:
-        run_commands(argvs, out / "train.log", jobs, max(1, cpu_cores() // jobs))
+        run_commands(argvs, out / "train.log", jobs)
     return folders
 
 

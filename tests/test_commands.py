@@ -154,25 +154,29 @@ def test_the_console_prints_plain_lines_once_and_on_rank_zero_only(rank, capsys)
     assert "Seed set to 0" not in capsys.readouterr().out, "Lightning's messages appear once, not twice"
 
 
-def test_commands_run_side_by_side_and_one_failure_stops_none(tmp_path, capsys):
+def test_commands_run_side_by_side_and_one_failure_stops_none(tmp_path, capsys, monkeypatch):
     """`run_commands` (the study's sweeps on a CPU): every run's lines reach the console and the log after
-    its name, the thread count reaches each run, and a failed run is named while the others finish."""
-    from ovcf.cli import CommandError, run_commands
+    its name, each run gets its share of the cores as torch threads, and a failed run is named while the
+    others finish."""
+    from ovcf.cli import CommandError, cpu_cores, run_commands
 
-    show = ["ovcf.__main__", "--help"]  # a command that loads nothing heavy
+    (tmp_path / "threads_probe.py").write_text("import os\nprint('threads', os.environ.get('OMP_NUM_THREADS'))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the runs inherit it: a module that loads nothing heavy
+    monkeypatch.setenv("OMP_NUM_THREADS", "99")  # what the runs would inherit without their share
+    probe = ["threads_probe"]
     log = tmp_path / "sweep.log"
-    run_commands({"a": show, "b": show}, log, jobs=2, threads=3)
+    run_commands({"a": probe, "b": probe}, log, jobs=2)
     out = capsys.readouterr().out
     text = log.read_text()
+    share = max(1, cpu_cores() // 2)
     for name in ("a", "b"):
-        assert f"[{name}] " in out and f"[{name}] " in text
+        assert f"[{name}] threads {share}\n" in out and f"[{name}] threads {share}\n" in text
     assert all(line.startswith(("[a] ", "[b] ")) for line in text.splitlines()), "whole lines, each after its run's name"
 
-    probe = ["ovcf.__main__", "--help"]
     with pytest.raises(CommandError, match=r"ovcf\.nowhere \(bad\) failed .*sweep\.log") as err:
         run_commands({"bad": ["ovcf.nowhere"], "good": probe}, log, jobs=2)
     assert "(good)" not in str(err.value)
-    assert log.read_text().count("[good] ") == text.count("[a] "), "the good run went on to its end"
+    assert f"[good] threads {share}" in log.read_text(), "the good run went on to its end"
 
 
 def test_runs_started_together_share_one_new_pseudonym_key(tmp_path):

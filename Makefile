@@ -26,7 +26,7 @@ train: setup
 	$(BIN)/python -m ovcf.train model=densenet121
 
 test: setup browser
-	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist load --durations=15
+	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist load --maxschedchunk 2 --durations=15
 
 bench: setup
 	WANDB_MODE=disabled $(BIN)/python -m ovcf.bench

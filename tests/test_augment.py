@@ -160,3 +160,90 @@ def test_roi_bench_sees_a_wide_line_better_than_a_thin_one():
     scanner = Scanner()  # center A's protocol: 0.8 mm pixels, 1 mm slices, a soft kernel
     thin, wide = (line_contrast(scanner, 1.25, w, planes=4) for w in (0.8, 1.6))
     assert 0.2 < thin < wide < 0.9  # the scanner's PSF and the ROI leave part of the line's contrast
+
+
+# --- the batched engine (ovcf.data.batch_augment): the same transforms on a whole batch at once
+
+
+def _batch(n: int = 1, noise: float = 0.01) -> torch.Tensor:
+    return torch.stack([_cube(seed=0, noise=noise)["image"].data for _ in range(n)])
+
+
+def _stats(t: torch.Tensor) -> torch.Tensor:
+    """Mean, SD and edge sharpness (mean absolute step along x and along z) of each sample."""
+    dims = tuple(range(1, t.ndim))
+    edges = [torch.diff(t, dim=d).abs().mean(dim=dims) for d in (-3, -1)]
+    return torch.stack([t.mean(dim=dims), t.std(dim=dims), *edges], 1)
+
+
+DEFAULT = {
+    "RandomFlip": {"axes": [0]},
+    "RandomAffine": {"scales": 0.08, "degrees": 8, "translation": 3},
+    "RandomGamma": {"log_gamma": [-0.15, 0.15]},
+    "RandomBiasField": {"coefficients": 0.3, "order": 2},  # stronger than the default, to be seen
+    **NEW,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT))
+def test_batched_transforms_match_torchio_in_distribution(name):
+    from ovcf.data.batch_augment import BatchAugment
+
+    n = 32
+    spec = {name: DEFAULT[name]}
+    batched, _ = BatchAugment(spec, seed=5)(_batch(n), list(range(n)), [0] * n)
+    reference = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        reference.append(build_augment(spec)(_cube(seed=0))["image"].data)
+    ours, theirs = _stats(batched), _stats(torch.stack(reference))
+    # Each statistic's mean over the draws agrees within 4 standard errors (or 1e-3 of the unit range).
+    for k, what in enumerate(("mean", "SD", "edge x", "edge z")):
+        a, b = ours[:, k], theirs[:, k]
+        se = float((a.var() / n + b.var() / n).sqrt())
+        assert abs(float(a.mean() - b.mean())) <= 4 * se + 1e-3, (what, float(a.mean()), float(b.mean()), se)
+    # and the transform did something: a statistic moved (the flip moves none of these, only the voxels)
+    moved = (ours - _stats(_batch(1))).abs().amax(0)
+    assert float(moved.max()) > 1e-3 or name == "RandomFlip"
+
+
+def test_batched_augmentation_is_keyed_by_seed_epoch_and_sample():
+    from ovcf.data.batch_augment import BatchAugment
+
+    spec = OmegaConf.to_container(compose_cfg("train", []).data.augment, resolve=True)
+    aug = BatchAugment(spec, seed=1)
+    x = torch.stack([_cube(seed=s)["image"].data for s in range(4)])
+    whole, _ = aug(x, [10, 11, 12, 13], [3, 3, 3, 3])
+    again, _ = aug(x, [10, 11, 12, 13], [3, 3, 3, 3])
+    alone, _ = aug(x[2:3], [12], [3])  # the same sample in another batch (another DDP rank, a resume)
+    assert torch.equal(whole, again) and torch.allclose(whole[2:3], alone, atol=1e-6)
+    later, _ = aug(x, [10, 11, 12, 13], [4, 4, 4, 4])
+    other, _ = BatchAugment(spec, seed=2)(x, [10, 11, 12, 13], [3, 3, 3, 3])
+    for changed in (later, other):
+        assert all(not torch.allclose(changed[i], whole[i], atol=1e-4) for i in range(4))
+
+
+def test_batched_geometry_moves_the_mask_with_the_image():
+    from ovcf.data.batch_augment import BatchAugment
+
+    mask = (_cube(noise=0.0)["image"].data > 0.5).to(torch.uint8)[None].repeat(8, 1, 1, 1, 1)
+    image = 0.2 + 0.5 * mask.float()
+    spec = {"RandomFlip": {"axes": [0]}, "RandomAffine": {"scales": 0.1, "degrees": 20, "translation": 4}}
+    out, moved = BatchAugment(spec, seed=0)(image, list(range(8)), [0] * 8, mask)
+    assert moved.dtype == torch.uint8 and not torch.equal(moved, mask)
+    found = out > 0.45
+    dice = 2 * (found & moved.bool()).sum() / (found.sum() + moved.sum())
+    assert dice > 0.95
+
+
+def test_engine_follows_the_config():
+    from ovcf.data.batch_augment import BatchAugment
+
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomNoise.*augment_engine=torchio"):
+        BatchAugment({"RandomNoise": {}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomAffine has no argument shear"):
+        BatchAugment({"RandomAffine": {"shear": 3}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomKernel\.sigma"):
+        BatchAugment({"RandomKernel": {"sigma": [1.0, 0.5]}})
+    cfg = compose_cfg("train", ["data/augment=torchio"]).data
+    assert cfg.augment_engine == "torchio" and set(cfg.augment) == set(DEFAULT)

@@ -2,7 +2,9 @@
 
 Both train the same network on the same in-memory tensors (the default cohort's training set,
 generated on first use) with the same batch size and optimizer; the ratio is what Lightning,
-the DataModule and the metrics cost per sample.
+the DataModule, the metrics and, with it on, the training augmentation cost per sample. The
+pipeline runs once per augmentation engine asked for: none, batch (on the training device) and
+torchio (per sample in the loader).
 """
 
 from __future__ import annotations
@@ -120,38 +122,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--smoke", action="store_true", help="use the tiny debug cohort instead of the default one")
-    parser.add_argument("--augment", action="store_true", help="keep the training augmentation (the bare loop has none)")
+    parser.add_argument(
+        "--augment",
+        default="none,batch,torchio",
+        help="augmentation engines of the pipeline runs, comma-separated: none, batch, torchio (the bare loop has none)",
+    )
     args = parser.parse_args(argv)
     setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
     models = list_models("classification") if args.model == "all" else args.model.split(",")
-    dm = None
+    engines = args.augment.split(",")
+    if not set(engines) <= {"none", "batch", "torchio"}:
+        parser.error(f"--augment {args.augment}: use none, batch and/or torchio, comma-separated")
+    modules = {}
     for name in models:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(
                 "train",
                 overrides=[f"model={name}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
                 + [f"data.num_workers={args.num_workers}"]
-                + (["debug=smoke"] if args.smoke else [])
-                + ([] if args.augment else ["data/augment=none"]),
+                + (["debug=smoke"] if args.smoke else []),
             )
-        if dm is None:  # one data module for every model: the same tensors
+        if not modules:  # one data module per engine for every model: the same tensors
             resolve_cohort(cfg)
-            dm = hydra.utils.instantiate(cfg.data)
-            dm.prepare_data()
-            dm.setup("fit")
+            for engine in engines:
+                data = cfg.data.copy()
+                data.augment_engine = "torchio" if engine == "none" else engine
+                data.augment_strength = 0.0 if engine == "none" else data.augment_strength
+                modules[engine] = hydra.utils.instantiate(data)
+                modules[engine].prepare_data()
+                modules[engine].setup("fit")
             where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
-            augment = "with" if args.augment else "without"
             compiled = ", torch.compile" if args.compile else ""
-            log.info(
-                f"batch {args.batch_size}, {args.precision}{compiled}, {augment} augmentation, {args.steps} steps on {where}"
-            )
-            log.info(f"{'model':<16}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
+            log.info(f"batch {args.batch_size}, {args.precision}{compiled}, {args.steps} steps on {where}")
+            log.info(f"{'model':<16}{'augment':<9}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
         kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
-        pipeline, wait = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-        bare = bench_bare(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-        log.info(f"{name:<16}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%")
+        bare = bench_bare(modules[engines[0]], cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+        for engine, dm in modules.items():
+            pipeline, wait = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+            log.info(f"{name:<16}{engine:<9}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%")
     log.info("pipeline: Lightning + DataModule + metrics; bare: a PyTorch loop over the same model and in-memory tensors")
-    log.info("data wait: share of the pipeline's step time spent between steps (the loader producing the next batch)")
+    log.info(
+        "data wait: share of the pipeline's step time spent between steps (the loader producing the next batch, "
+        "and the batched augmentation)"
+    )
 
 
 if __name__ == "__main__":

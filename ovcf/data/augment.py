@@ -11,24 +11,13 @@ those that speak mm take the ROI spacing (`spacing`), which the config fills fro
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torchio as tio
-from scipy import ndimage
 from torchio.transforms import IntensityTransform
 from torchio.transforms.augmentation import RandomTransform
 
+from ovcf.data.batch_augment import correlated_noise, hu_per_unit, kernel_mtf, slice_thickness
 from ovcf.errors import ConfigError
-
-Z = 2  # the ROI cube's superior axis (X, Y, Z in RAS): the scan's slice direction
-
-
-def _hu_per_unit(hu_window) -> float:
-    """HU per unit of the windowed [0, 1] intensity: the window's width."""
-    lo, hi = (float(v) for v in hu_window)
-    if hi <= lo:
-        raise ConfigError(f"data.hu_window={list(hu_window)}: the upper HU must exceed the lower")
-    return hi - lo
 
 
 class RandomKernel(RandomTransform, IntensityTransform):
@@ -59,22 +48,9 @@ class RandomKernel(RandomTransform, IntensityTransform):
             sigma_z = sigma if self.sigma_z_range is None else self.sample_uniform(*self.sigma_z_range)
             if gain == 0 or sigma == sigma_z == 0:
                 continue
-            data = image.data.numpy()
-            smooth = ndimage.gaussian_filter(data, (0, sigma, sigma, sigma_z))
-            image.set_data(torch.from_numpy(data + gain * (data - smooth)).to(image.data.dtype))
+            data = image.data[None].float()
+            image.set_data(kernel_mtf(data, [gain], [sigma], [sigma_z])[0].to(image.data.dtype))
         return subject
-
-
-def _lerp(data: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
-    """`data` linearly interpolated at fractional `positions` along `axis` (clamped at the ends)."""
-    n = data.shape[axis]
-    positions = np.clip(positions, 0, n - 1)
-    lo = np.floor(positions).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    shape = [1] * data.ndim
-    shape[axis] = len(positions)
-    frac = (positions - lo).reshape(shape)
-    return np.take(data, lo, axis) * (1 - frac) + np.take(data, hi, axis) * frac
 
 
 class RandomSliceThickness(RandomTransform, IntensityTransform):
@@ -101,16 +77,8 @@ class RandomSliceThickness(RandomTransform, IntensityTransform):
             phase = self.sample_uniform(0.0, 1.0)
             if width <= 1:
                 continue
-            data = image.data.numpy()
-            reach = int(np.ceil(width / 2))
-            k = np.arange(-reach, reach + 1)
-            box = np.clip(np.minimum(k + 0.5, width / 2) - np.maximum(k - 0.5, -width / 2), 0, None)  # voxel overlap
-            thick = ndimage.convolve1d(data, box / box.sum(), axis=1 + Z, mode="nearest")
-            n = data.shape[1 + Z]
-            centres = (phase + np.arange(-1, int(np.ceil(n / width)) + 1)) * width - 0.5  # slice centres, voxels
-            slices = _lerp(thick, centres, 1 + Z)
-            out = _lerp(slices, (np.arange(n) + 0.5) / width - phase + 1, 1 + Z)  # back to the grid
-            image.set_data(torch.from_numpy(np.ascontiguousarray(out)).to(image.data.dtype))
+            data = image.data[None].float()
+            image.set_data(slice_thickness(data, [width], [phase])[0].to(image.data.dtype))
         return subject
 
 
@@ -130,7 +98,7 @@ class RandomCorrelatedNoise(RandomTransform, IntensityTransform):
         super().__init__(**kwargs)
         self.hu_range = self._parse_range(hu, "hu", min_constraint=0)
         self.grain_range = self._parse_range(grain, "grain", min_constraint=0)
-        self.hu_per_unit = _hu_per_unit(hu_window)
+        self.hu_per_unit = hu_per_unit(hu_window)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):
@@ -139,18 +107,9 @@ class RandomCorrelatedNoise(RandomTransform, IntensityTransform):
             if sd == 0:
                 continue
             data = image.data
-            noise = correlated_noise(data.shape, grain, torch.randn(data.shape))
+            noise = correlated_noise(torch.randn(data.shape), grain)
             image.set_data(data + (noise * (sd / self.hu_per_unit)).to(data.dtype))
         return subject
-
-
-def correlated_noise(shape, grain: float, white: torch.Tensor) -> torch.Tensor:
-    """`white` (C, X, Y, Z) filtered per channel by the band-pass of `RandomCorrelatedNoise`, unit SD."""
-    freqs = [torch.fft.fftfreq(n) for n in shape[1:-1]] + [torch.fft.rfftfreq(shape[-1])]
-    f2 = sum(f.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, f in enumerate(freqs))
-    spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * grain**2 * f2)
-    noise = torch.fft.irfftn(torch.fft.rfftn(white, dim=(1, 2, 3)) * spectrum, s=shape[1:], dim=(1, 2, 3))
-    return noise / noise.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
 
 
 class RandomHuOffset(RandomTransform, IntensityTransform):
@@ -164,7 +123,7 @@ class RandomHuOffset(RandomTransform, IntensityTransform):
     def __init__(self, hu=(-20.0, 20.0), hu_window=(-250.0, 1250.0), **kwargs):
         super().__init__(**kwargs)
         self.hu_range = self._parse_range(hu, "hu")
-        self.hu_per_unit = _hu_per_unit(hu_window)
+        self.hu_per_unit = hu_per_unit(hu_window)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):

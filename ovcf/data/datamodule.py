@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovcf.contract import CLINICAL_CSV, LABELS, SIGNS
 from ovcf.data.augment import build_augment, scale_augment
+from ovcf.data.batch_augment import BATCHED, BatchAugment
 from ovcf.data.clinical import read_centers
 from ovcf.data.ct import IngestChecks
 from ovcf.data.ingest import check_cohort, ingest, read_index
@@ -87,6 +88,8 @@ class VertebraDataset(Dataset):
             "signs": self.signs[i],
             "signs_known": self.signs_known[i],
             "id": f"{r['pseudonym']}:{r['level']}",
+            "index": i,  # with the epoch, the key of this sample's batched augmentation
+            "epoch": -1 if epoch is None else epoch,
         }
 
 
@@ -163,10 +166,15 @@ class CohortDataModule(L.LightningDataModule):
             read their `in_channels` from here).
         sampler: "balanced" draws training samples with weights that equalise acute and chronic;
             None shuffles (class imbalance can also be handled by `model.pos_weight=auto`).
-        augment: torchio transforms for training samples, `{TransformName: kwargs}`.
+        augment: transforms for training samples, `{TransformName: kwargs}`.
+        augment_engine: "batch" runs them on each training batch on the training device
+            (`ovcf.data.batch_augment`, which knows the default pipeline's transforms), "torchio" per
+            sample in the loader (any torchio transform), "auto" the first when it knows them all.
         augment_strength: factor on their magnitudes (0: no augmentation; see `scale_augment`), one
             number for a hyper-parameter search.
         ingest: series validation and exclusion thresholds (see `conf/ingest/default.yaml`).
+        num_workers: loader processes (0: the main process); they persist across epochs.
+        prefetch: batches each worker keeps ready (with `num_workers` > 0).
     """
 
     def __init__(
@@ -191,9 +199,11 @@ class CohortDataModule(L.LightningDataModule):
         sampler: str | None = None,
         augment: dict | None = None,
         augment_strength: float = 1.0,
+        augment_engine: str = "auto",
         ingest: dict | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
+        prefetch: int = 2,
         ingest_workers: int = 2,
         progress: bool = True,
     ):
@@ -225,7 +235,12 @@ class CohortDataModule(L.LightningDataModule):
             raise ConfigError(f"data.in_channels={in_channels}: use 1 (CT) or 2 (CT and the body mask)")
         if sampler not in (None, "balanced"):
             raise ConfigError(f"data.sampler={sampler!r}: use null (shuffle) or balanced")
-        self.augment = build_augment(scale_augment(augment, augment_strength))
+        spec = scale_augment(augment, augment_strength)
+        if augment_engine not in ("auto", "batch", "torchio"):
+            raise ConfigError(f"data.augment_engine={augment_engine!r}: use auto, batch or torchio")
+        batched = spec is not None and (augment_engine == "batch" or (augment_engine == "auto" and set(spec) <= set(BATCHED)))
+        self.batch_augment = BatchAugment(spec, seed) if batched else None  # names its first unknown transform
+        self.augment = None if batched else build_augment(spec)
         self.datasets: dict[str, VertebraDataset] = {}
         # Fail before any work when the folder, its CSV or a center name is wrong.
         if cohort is None:
@@ -257,7 +272,8 @@ class CohortDataModule(L.LightningDataModule):
         if self.datasets:
             return
         parts = self.split_rows()
-        self.datasets = {name: self._dataset(part, self.augment if name == "train" else None) for name, part in parts.items()}
+        train = {"transform": self.augment, "batched": self.batch_augment is not None}
+        self.datasets = {name: self._dataset(part, **(train if name == "train" else {})) for name, part in parts.items()}
 
     def split_rows(self) -> dict[str, list[dict]]:
         """Included index rows of each set: "train" and "val" (patient folds of the development center;
@@ -309,9 +325,21 @@ class CohortDataModule(L.LightningDataModule):
             )
         return dev, ext
 
-    def _dataset(self, rows: list[dict], transform=None) -> VertebraDataset:
+    def _dataset(self, rows: list[dict], transform=None, batched: bool = False) -> VertebraDataset:
+        """The samples of `rows`; with `batched` augmentation the mask channel joins after it."""
         hp = self.hparams
-        return load_samples(self.cache, rows, self.roi.size, hp.hu_window, transform, hp.in_channels == 2, hp.seed)
+        mask_channel = hp.in_channels == 2 and not batched
+        return load_samples(self.cache, rows, self.roi.size, hp.hu_window, transform, mask_channel, hp.seed)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Training batches get the batched augmentation here, on the device the model trains on."""
+        if self.batch_augment is None or self.trainer is None or not self.trainer.training:
+            return batch
+        mask = batch["mask"] if self.hparams.in_channels == 2 else None
+        image, mask = self.batch_augment(batch["image"], batch["index"].tolist(), batch["epoch"].tolist(), mask)
+        if mask is not None:
+            batch["mask"], image = mask, torch.cat([image, mask.to(image.dtype)], 1)
+        return batch | {"image": image}
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         """Training draws from an `EpochSampler` (order and augmentation fixed by seed and epoch), with
@@ -331,7 +359,8 @@ class CohortDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,  # training: whole global batches only (no one-sample batch to break batch norm)
             num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
+            persistent_workers=hp.num_workers > 0,  # no epoch waits for a cold worker
+            prefetch_factor=hp.prefetch if hp.num_workers > 0 else None,
         )
 
     def _device_batch(self) -> int:

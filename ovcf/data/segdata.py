@@ -100,6 +100,7 @@ class SegmentationDataModule(CohortDataModule):
 
     def __init__(self, patch_size=(64, 64, 64), samples_per_volume: int = 4, foreground: float = 0.67, **kwargs):
         super().__init__(**kwargs)
+        self.batch_augment = None  # the classifier's ROI augmentation; patches are drawn, not augmented
         if self.roi.volume_spacing is None:
             raise ConfigError("segmentation needs data.volume_spacing (mm) so that ingest caches whole CT volumes")
         self.patch_size = [int(p) for p in patch_size]

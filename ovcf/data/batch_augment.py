@@ -1,0 +1,466 @@
+"""Training augmentation as batched tensor operations on the device the model trains on.
+
+torchio transforms one sample at a time in the loader (about 29 ms per 48^3 ROI on a CPU core), so
+on a GPU the step waits for data and on a CPU a third of the run is augmentation. `BatchAugment`
+draws the same transforms, under the same config names and ranges (`conf/data/augment/default.yaml`),
+for a whole batch after it reached the device: one `grid_sample` for flip, scale, rotation and
+shift, separable grouped convolutions for the kernel's PSF and the slice profile, one batched FFT
+for the noise texture. Each sample's draw still depends on (seed, epoch, index) alone, so resume
+and DDP stay exact; the torchio engine (`data/augment=torchio`) stays for users' own transforms.
+
+Tensors are (B, C, X, Y, Z): X, Y, Z the ROI cube's axes in RAS, Z the scan's slice direction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovcf.data.sampling import sample_seed
+from ovcf.errors import ConfigError
+
+Z = 4  # the slice axis of a (B, C, X, Y, Z) batch
+
+
+def hu_per_unit(hu_window) -> float:
+    """HU per unit of the windowed [0, 1] intensity: the window's width."""
+    lo, hi = (float(v) for v in hu_window)
+    if hi <= lo:
+        raise ConfigError(f"data.hu_window={list(hu_window)}: the upper HU must exceed the lower")
+    return hi - lo
+
+
+# --- operations on a batch, one parameter per sample (the torchio transforms call these with B = 1)
+
+
+def _per_sample(values, x: torch.Tensor) -> torch.Tensor:
+    """A (B,) parameter as a (B, 1, 1, 1, 1) tensor on `x`'s device, to broadcast over a sample."""
+    return torch.as_tensor(values, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1, 1)
+
+
+def conv_along(x: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
+    """Each sample of `x` (B, C, X, Y, Z) convolved along `axis` (2, 3 or 4) with its own odd-length
+    1D kernel, a row of `weights` (B, K); the edges repeat their last voxel (scipy's "nearest").
+    Shifted multiply-adds rather than a grouped conv3d: as fast on a CPU, and elementwise, so a
+    sample's result does not depend on the batch it is in."""
+    k, n = weights.shape[1], x.shape[axis]
+    pad = [0] * 6
+    pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = k // 2  # F.pad lists the last axis first
+    padded = F.pad(x, pad, mode="replicate")
+    weights = weights.to(x)
+    out = torch.zeros_like(x)
+    for tap in range(k):
+        out += _per_sample(weights[:, tap], x) * padded.narrow(axis, tap, n)
+    return out
+
+
+def gaussian_weights(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, 2 radius + 1) normalised Gaussian taps; a sigma of 0 is the identity."""
+    taps = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
+    w = torch.exp(-0.5 * (taps / sigma.clamp_min(1e-6)[:, None]) ** 2)
+    return w / w.sum(1, keepdim=True)
+
+
+def kernel_mtf(x: torch.Tensor, gain, sigma, sigma_z, largest: float | None = None) -> torch.Tensor:
+    """`x + gain * (x - gaussian(x))` per sample: a reconstruction kernel's MTF, 1 + gain (1 - G(f)).
+    gain -1 is a plain blur, above 0 a sharp bone kernel (edge overshoot); below -1 acts as -1.
+    The Gaussians reach 3 `largest` sigmas (default: this batch's largest; a transform passes its
+    range's, so that a sample's result does not depend on its batch)."""
+    gain = torch.as_tensor(gain, dtype=x.dtype).clamp_min(-1.0)
+    sigma, sigma_z = (torch.as_tensor(s, dtype=x.dtype) for s in (sigma, sigma_z))
+    smooth = x
+    for axis, s in ((2, sigma), (3, sigma), (Z, sigma_z)):
+        if float(s.max()) > 0:
+            reach = float(s.max()) if largest is None else largest
+            smooth = conv_along(smooth, gaussian_weights(s, max(1, math.ceil(3 * reach))), axis)
+    return x + _per_sample(gain, x) * (x - smooth)
+
+
+def _lerp_z(data: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`data` (B, C, X, Y, Z) linearly interpolated at fractional z `positions` (B, N), clamped at the ends."""
+    n = data.shape[Z]
+    positions = positions.clamp(0, n - 1)
+    lo = positions.floor().long()
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = (positions - lo).to(data.dtype)[:, None, None, None, :]
+    shape = (*data.shape[:Z], positions.shape[1])
+
+    def take(index):
+        return torch.gather(data, Z, index[:, None, None, None, :].expand(shape))
+
+    return take(lo) * (1 - frac) + take(hi) * frac
+
+
+def slice_thickness(x: torch.Tensor, width, phase) -> torch.Tensor:
+    """Thick slices: each slice averages `width` voxels along z (a box profile: partial volume), the
+    slices lie `width` apart from a `phase` in [0, 1), and the cube is interpolated back to its grid,
+    as a thick series resampled to the ROI would be. A width at or below one voxel changes nothing."""
+    width = torch.as_tensor(width, dtype=torch.float64).reshape(-1)
+    phase = torch.as_tensor(phase, dtype=torch.float64).reshape(-1)
+    if float(width.max()) <= 1:
+        return x
+    n = x.shape[Z]
+    w = width.clamp_min(1.0)
+    reach = math.ceil(float(w.max()) / 2)
+    taps = torch.arange(-reach, reach + 1, dtype=torch.float64)
+    half = (w / 2)[:, None]
+    box = (torch.minimum(taps + 0.5, half) - torch.maximum(taps - 0.5, -half)).clamp_min(0)  # voxel overlap
+    thick = conv_along(x, box / box.sum(1, keepdim=True), Z)
+    count = torch.ceil(n / w) + 2  # slices, one beyond each end
+    grid = torch.arange(n, dtype=torch.float64)
+    p = torch.minimum(((grid + 0.5) / w[:, None] - phase[:, None] + 1).clamp_min(0), (count - 1)[:, None])
+    j0 = p.floor()
+    j1 = torch.minimum(j0 + 1, (count - 1)[:, None])
+    frac = (p - j0).to(x.dtype)[:, None, None, None, :].to(x.device)
+
+    def slice_at(j):  # slice j's centre in voxels: (phase + j - 1) * width - 0.5
+        return _lerp_z(thick, ((phase[:, None] + j - 1) * w[:, None] - 0.5).to(x.device))
+
+    out = slice_at(j0) * (1 - frac) + slice_at(j1) * frac
+    keep = _per_sample(width <= 1, x).bool()
+    return torch.where(keep, x, out)
+
+
+def correlated_noise(white: torch.Tensor, grain) -> torch.Tensor:
+    """`white` (..., X, Y, Z) filtered by the band-pass `|f| exp(-2 pi^2 grain^2 |f|^2)` (the ramp
+    filter of filtered back-projection times a kernel's apodisation) over its last three axes, to
+    unit SD per leading index; `grain` a number or one per sample, broadcast over (..., 1, 1, 1)."""
+    shape = white.shape[-3:]
+    dev = white.device
+    freqs = [torch.fft.fftfreq(n, device=dev) for n in shape[:-1]] + [torch.fft.rfftfreq(shape[-1], device=dev)]
+    f2 = sum(f.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, f in enumerate(freqs))
+    grain = torch.as_tensor(grain, dtype=white.dtype, device=dev)
+    grain = grain.reshape(*grain.shape, 1, 1, 1) if grain.ndim else grain
+    spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * grain**2 * f2)
+    noise = torch.fft.irfftn(torch.fft.rfftn(white, dim=(-3, -2, -1)) * spectrum, s=shape, dim=(-3, -2, -1))
+    return noise / noise.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-12)
+
+
+def bias_field(shape, coefficients: torch.Tensor, order: int) -> torch.Tensor:
+    """exp of a polynomial of `order` over the cube ([-1, 1] per axis, voxel centres), one per row of
+    `coefficients` (B, terms), as torchio's RandomBiasField draws it: a slow multiplicative drift."""
+    axes = []
+    for n in shape:
+        r = torch.arange(n, dtype=coefficients.dtype, device=coefficients.device) - n / 2 + 0.5
+        axes.append(r / r.max())
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    terms = [x**i * y**j * z**k for i in range(order + 1) for j in range(order + 1 - i) for k in range(order + 1 - i - j)]
+    return torch.exp(torch.einsum("bt,txyz->bxyz", coefficients, torch.stack(terms)))[:, None]
+
+
+def bias_terms(order: int) -> int:
+    """The number of monomials of a polynomial of `order` in three variables."""
+    return (order + 1) * (order + 2) * (order + 3) // 6
+
+
+def affine_grid(matrices: torch.Tensor, shape) -> torch.Tensor:
+    """The sampling grid of `grid_sample` for (B, 3, 4) voxel-space maps (output voxel -> input
+    voxel, in X, Y, Z order, about the cube's centre). grid_sample reads its coordinates as (Z, Y,
+    X) for a (B, C, X, Y, Z) tensor, with -1 and 1 at the corner voxels' centres."""
+    n = torch.tensor(shape, dtype=matrices.dtype, device=matrices.device)
+    half = (n - 1) / 2
+    linear = matrices[:, :, :3] * half[None, :, None] / half[None, None, :]  # in normalised coordinates
+    shift = matrices[:, :, 3] / half
+    theta = torch.cat([linear, shift[:, :, None]], dim=2)
+    flip = [2, 1, 0]
+    theta = torch.cat([theta[:, flip][:, :, flip], theta[:, flip, 3:]], dim=2)
+    # F.affine_grid's kernel is slow on a CPU and a batched matmul rounds by batch size; sums of
+    # per-axis terms (small until the last one) give each sample the same grid in any batch:
+    nx, ny, nz = (int(k) for k in shape)
+    x, y, z = (torch.linspace(-1, 1, k, dtype=theta.dtype, device=theta.device) for k in (nx, ny, nz))
+    grid = theta[:, None, None, None, :, 3] + x.reshape(1, nx, 1, 1, 1) * theta[:, None, None, None, :, 2]
+    grid = grid + y.reshape(1, 1, ny, 1, 1) * theta[:, None, None, None, :, 1]
+    return grid + z.reshape(1, 1, 1, nz, 1) * theta[:, None, None, None, :, 0]
+
+
+def rotation(degrees: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) rotations from (B, 3) Euler angles in degrees about X, Y and Z."""
+    a = torch.deg2rad(degrees)
+    c, s = a.cos(), a.sin()
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+
+    def mat(rows):
+        return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+    rx = mat([[one, zero, zero], [zero, c[:, 0], -s[:, 0]], [zero, s[:, 0], c[:, 0]]])
+    ry = mat([[c[:, 1], zero, s[:, 1]], [zero, one, zero], [-s[:, 1], zero, c[:, 1]]])
+    rz = mat([[c[:, 2], -s[:, 2], zero], [s[:, 2], c[:, 2], zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+# --- config: each transform's ranges, parsed as torchio parses them
+
+
+def _range(name: str, key: str, value, symmetric: bool = True, around: float = 0.0, low: float | None = None):
+    """`(a, b)` from a number `d` (`(around - d, around + d)`, or `(0, d)` when not symmetric) or a pair."""
+    if isinstance(value, (int, float)):
+        pair = (around - value, around + value) if symmetric else (0.0, float(value))
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        pair = (float(value[0]), float(value[1]))
+    else:
+        raise ConfigError(f"data.augment.{name}.{key}={value}: use a number or a [low, high] pair")
+    if pair[0] > pair[1] or (low is not None and pair[0] < low):
+        bound = "" if low is None else f", both >= {low}"
+        raise ConfigError(f"data.augment.{name}.{key}={list(pair)}: use [low, high] with low <= high{bound}")
+    return pair
+
+
+class _Transform:
+    """One transform of the batch pipeline: `draw` its parameters for one sample from that sample's
+    generator, `apply` them to the batch. `p` is the chance that a sample gets it (torchio's `p`)."""
+
+    keys: tuple[str, ...] = ()
+
+    def __init__(self, name: str, kwargs: dict):
+        unknown = set(kwargs) - set(self.keys) - {"p"}
+        if unknown:
+            raise ConfigError(
+                f"data.augment.{name} has no argument {', '.join(sorted(unknown))}; its arguments: "
+                f"{', '.join(self.keys + ('p',))}"
+            )
+        self.name, self.p = name, float(kwargs.get("p", 1.0))
+
+    def draw(self, gen: torch.Generator) -> list[float]:
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+class RandomFlip(_Transform):
+    keys = ("axes", "flip_probability")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        axes = kwargs.get("axes", [0])
+        self.axes = [int(a) for a in (axes if isinstance(axes, (list, tuple)) else [axes])]
+        if any(a not in (0, 1, 2) for a in self.axes):
+            raise ConfigError(f"data.augment.{name}.axes={axes}: use 0, 1 or 2 (the ROI's X, Y, Z)")
+        self.chance = float(kwargs.get("flip_probability", 0.5))
+
+    def draw(self, gen):
+        return [float(_uniform(gen, 0, 1) < self.chance) for _ in self.axes]
+
+    def apply(self, image, params):
+        for k, axis in enumerate(self.axes):
+            image = torch.where(_per_sample(params[:, k], image).bool(), image.flip(2 + axis), image)
+        return image
+
+
+class RandomAffine(_Transform):
+    """Scale, rotation (degrees about each axis) and translation (voxels) about the cube's centre,
+    drawn per axis as torchio does; trilinear, the outside filled with the sample's minimum."""
+
+    keys = ("scales", "degrees", "translation", "isotropic")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.scales = _range(name, "scales", kwargs.get("scales", 0.1), around=1.0, low=0.0)
+        self.degrees = _range(name, "degrees", kwargs.get("degrees", 10))
+        self.translation = _range(name, "translation", kwargs.get("translation", 0))
+        self.isotropic = bool(kwargs.get("isotropic", False))
+
+    def draw(self, gen):
+        scales = [_uniform(gen, *self.scales) for _ in range(3)]
+        if self.isotropic:
+            scales = [scales[0]] * 3
+        return scales + [_uniform(gen, *self.degrees) for _ in range(3)] + [_uniform(gen, *self.translation) for _ in range(3)]
+
+    def matrices(self, params: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 4) output-to-input voxel maps: input = R S (output - centre) + centre + shift."""
+        linear = rotation(params[:, 3:6]) @ torch.diag_embed(params[:, :3])
+        return torch.cat([linear, params[:, 6:9, None]], dim=2)
+
+    def apply(self, image, params):
+        grid = affine_grid(self.matrices(params.to(image)), image.shape[2:])
+        low = image.amin(dim=(1, 2, 3, 4), keepdim=True)
+        return F.grid_sample(image - low, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + low
+
+
+class RandomGamma(_Transform):
+    keys = ("log_gamma",)
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.log_gamma = _range(name, "log_gamma", kwargs.get("log_gamma", 0.3))
+
+    def draw(self, gen):
+        return [math.exp(_uniform(gen, *self.log_gamma))]
+
+    def apply(self, image, params):
+        return image.sign() * image.abs() ** _per_sample(params[:, 0], image)
+
+
+class RandomBiasField(_Transform):
+    keys = ("coefficients", "order")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.coefficients = _range(name, "coefficients", kwargs.get("coefficients", 0.5))
+        self.order = int(kwargs.get("order", 3))
+
+    def draw(self, gen):
+        return [_uniform(gen, *self.coefficients) for _ in range(bias_terms(self.order))]
+
+    def apply(self, image, params):
+        return image * bias_field(image.shape[2:], params.to(image), self.order)
+
+
+class RandomKernel(_Transform):
+    keys = ("gain", "sigma", "sigma_z")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.gain = _range(name, "gain", kwargs.get("gain", (-1.0, 0.8)))
+        self.sigma = _range(name, "sigma", kwargs.get("sigma", (0.5, 1.5)), symmetric=False, low=0.0)
+        sigma_z = kwargs.get("sigma_z")
+        self.sigma_z = None if sigma_z is None else _range(name, "sigma_z", sigma_z, symmetric=False, low=0.0)
+
+    def draw(self, gen):
+        gain, sigma = _uniform(gen, *self.gain), _uniform(gen, *self.sigma)
+        return [gain, sigma, sigma if self.sigma_z is None else _uniform(gen, *self.sigma_z)]
+
+    def apply(self, image, params):
+        largest = max(self.sigma[1], self.sigma[1] if self.sigma_z is None else self.sigma_z[1])
+        return kernel_mtf(image, params[:, 0], params[:, 1], params[:, 2], largest)
+
+
+class RandomSliceThickness(_Transform):
+    keys = ("thickness", "spacing")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.thickness = _range(name, "thickness", kwargs.get("thickness", (1.0, 5.0)), symmetric=False, low=0.0)
+        self.spacing = float(kwargs.get("spacing", 1.25))
+        if self.spacing <= 0:
+            raise ConfigError(f"data.augment.{name}.spacing={self.spacing}: use the ROI spacing in mm (> 0)")
+
+    def draw(self, gen):
+        return [_uniform(gen, *self.thickness) / self.spacing, _uniform(gen, 0.0, 1.0)]
+
+    def apply(self, image, params):
+        return slice_thickness(image, params[:, 0], params[:, 1])
+
+
+class RandomCorrelatedNoise(_Transform):
+    keys = ("hu", "grain", "hu_window")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.hu = _range(name, "hu", kwargs.get("hu", (0.0, 30.0)), symmetric=False, low=0.0)
+        self.grain = _range(name, "grain", kwargs.get("grain", (0.3, 2.0)), symmetric=False, low=0.0)
+        self.hu_per_unit = hu_per_unit(kwargs.get("hu_window", (-250.0, 1250.0)))
+
+    def draw(self, gen):
+        seed = int(torch.randint(2**52, (), generator=gen))  # exact as a float64  # the white noise's own stream, on the device
+        return [_uniform(gen, *self.hu) / self.hu_per_unit, _uniform(gen, *self.grain), float(seed)]
+
+    def apply(self, image, params):
+        white = torch.stack(
+            [
+                torch.randn(image.shape[1:], generator=torch.Generator(image.device).manual_seed(int(s)), device=image.device)
+                for s in params[:, 2].tolist()
+            ]
+        )
+        # one FFT per sample: a batched FFT rounds differently by batch size
+        noise = torch.stack([correlated_noise(w.to(image.dtype), float(g)) for w, g in zip(white, params[:, 1])])
+        return image + _per_sample(params[:, 0], image) * noise
+
+
+class RandomHuOffset(_Transform):
+    keys = ("hu", "hu_window")
+
+    def __init__(self, name, kwargs):
+        super().__init__(name, kwargs)
+        self.hu = _range(name, "hu", kwargs.get("hu", (-20.0, 20.0)))
+        self.hu_per_unit = hu_per_unit(kwargs.get("hu_window", (-250.0, 1250.0)))
+
+    def draw(self, gen):
+        return [_uniform(gen, *self.hu) / self.hu_per_unit]
+
+    def apply(self, image, params):
+        return image + _per_sample(params[:, 0], image)
+
+
+BATCHED = {
+    cls.__name__: cls
+    for cls in (
+        RandomFlip,
+        RandomAffine,
+        RandomGamma,
+        RandomBiasField,
+        RandomKernel,
+        RandomSliceThickness,
+        RandomCorrelatedNoise,
+        RandomHuOffset,
+    )
+}
+
+
+class BatchAugment:
+    """The training augmentation of a `{TransformName: kwargs}` spec, for a batch on any device.
+
+    Each sample's parameters come from a generator seeded by (seed, epoch, index), drawn transform
+    by transform in the spec's order, so a sample's augmentation does not depend on its batch, the
+    device or the process that holds it. The body mask follows the geometric transforms (nearest).
+    """
+
+    def __init__(self, spec: dict, seed: int = 0):
+        missing = sorted(set(spec) - set(BATCHED))
+        if missing:
+            raise ConfigError(
+                f"data.augment.{missing[0]} has no batched version (batched: {', '.join(sorted(BATCHED))}); "
+                "use data.augment_engine=torchio for torchio's own transforms"
+            )
+        self.transforms = [BATCHED[name](name, dict(kwargs or {})) for name, kwargs in spec.items()]
+        self.seed = int(seed)
+
+    def draw(self, index, epoch) -> list[torch.Tensor]:
+        """Per transform a (B, P) float64 tensor of parameters, with a last column: applied (0 or 1)."""
+        gens = []
+        for i, e in zip(index, epoch):
+            key = sample_seed(self.seed, int(e), int(i)) if int(e) >= 0 else int(torch.randint(2**62, ()))
+            gens.append(torch.Generator().manual_seed(key))
+        out = []
+        for t in self.transforms:
+            rows = []
+            for g in gens:
+                on = t.p >= 1 or _uniform(g, 0, 1) < t.p
+                rows.append([*t.draw(g), float(on)])
+            out.append(torch.tensor(rows, dtype=torch.float64))
+        return out  # on the host: each transform moves what it needs
+
+    def __call__(self, image: torch.Tensor, index, epoch, mask: torch.Tensor | None = None):
+        """(image, mask) of a (B, C, X, Y, Z) batch augmented; `index` and `epoch` per sample (an
+        epoch below 0: a fresh draw from the global RNG)."""
+        for t, params in zip(self.transforms, self.draw(index, epoch)):
+            on = params[:, -1].bool()
+            if bool(on.all()):
+                image, mask = self._apply(t, image, params[:, :-1], mask)
+            elif bool(on.any()):
+                sel = on.nonzero().flatten()
+                part_mask = None if mask is None else mask[sel.to(mask.device)]
+                done, moved = self._apply(t, image[sel.to(image.device)], params[sel, :-1], part_mask)
+                image = image.index_copy(0, sel.to(image.device), done.to(image.dtype))
+                if mask is not None:
+                    mask = mask.index_copy(0, sel.to(mask.device), moved)
+        return image, mask
+
+    @staticmethod
+    def _apply(t: _Transform, image: torch.Tensor, params: torch.Tensor, mask: torch.Tensor | None):
+        """`t` on the image; the body mask moves with the geometric transforms (nearest, zero outside)."""
+        out = t.apply(image, params)
+        if mask is not None and isinstance(t, RandomFlip):
+            mask = t.apply(mask, params)
+        elif mask is not None and isinstance(t, RandomAffine):
+            grid = affine_grid(t.matrices(params.float().to(mask.device)), mask.shape[2:])
+            moved = F.grid_sample(mask.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            mask = moved.to(mask.dtype)
+        return out, mask

@@ -247,3 +247,38 @@ def test_engine_follows_the_config():
         BatchAugment({"RandomKernel": {"sigma": [1.0, 0.5]}})
     cfg = compose_cfg("train", ["data/augment=torchio"]).data
     assert cfg.augment_engine == "torchio" and set(cfg.augment) == set(DEFAULT)
+
+
+def test_datamodule_augments_training_batches_after_the_transfer(tiny_cohort):
+    import lightning as L
+
+    from ovcf.data import CohortDataModule
+    from ovcf.data.datamodule import VertebraDataset
+
+    spec = OmegaConf.to_container(compose_cfg("train", []).data.augment, resolve=True)
+    dm = CohortDataModule(str(tiny_cohort), 16, 2.0, WINDOW, augment=spec, in_channels=2, batch_size=4, seed=0)
+    assert dm.batch_augment is not None and dm.augment is None  # auto: the batched engine knows them all
+    rows = [
+        {"pseudonym": f"P{i}", "level": "L1", "label": "acute", "age": 70.0, "sex": "F", "dxa_t_score": -2.5} for i in range(8)
+    ]
+    images = np.stack([_cube(seed=i)["image"].data[0, 4:20, 4:20, 4:20].numpy() * 1500 - 250 for i in range(8)])
+    dm.datasets = {"train": VertebraDataset(rows, images, (images > 300).astype(np.uint8), WINDOW)}  # no mask channel yet
+    dm.trainer = L.Trainer(logger=False)
+    loaded = next(iter(dm.train_dataloader()))
+    assert loaded["image"].shape == (4, 1, 16, 16, 16) and loaded["epoch"].tolist() == [0] * 4
+    dm.trainer.training = True
+    out = dm.on_after_batch_transfer(dict(loaded), 0)
+    assert out["image"].shape == (4, 2, 16, 16, 16)  # the mask channel joins after the augmentation
+    assert not torch.allclose(out["image"][:, :1], loaded["image"], atol=1e-3)
+    assert torch.equal(out["image"][:, 1:], out["mask"].float()) and set(out["mask"].unique().tolist()) <= {0, 1}
+    assert torch.equal(dm.on_after_batch_transfer(dict(loaded), 0)["image"], out["image"])  # keyed, not drawn anew
+    dm.trainer.validating = True
+    assert dm.on_after_batch_transfer(dict(loaded), 0)["image"] is loaded["image"]  # validation: untouched
+
+    basic = OmegaConf.to_container(compose_cfg("train", ["data/augment=basic"]).data.augment, resolve=True)
+    other = CohortDataModule(str(tiny_cohort), 16, 2.0, WINDOW, augment=basic)
+    assert other.batch_augment is None and other.augment is not None  # torchio, per sample in the loader
+    with pytest.raises(ConfigError, match=r"data\.augment\.RandomAnisotropy has no batched version"):
+        CohortDataModule(str(tiny_cohort), 16, 2.0, WINDOW, augment=basic, augment_engine="batch")
+    with pytest.raises(ConfigError, match="augment_engine='gpu'"):
+        CohortDataModule(str(tiny_cohort), 16, 2.0, WINDOW, augment=spec, augment_engine="gpu")

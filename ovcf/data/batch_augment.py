@@ -231,6 +231,10 @@ class _Transform:
     def apply(self, image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def __call__(self, image: torch.Tensor, params: torch.Tensor, mask: torch.Tensor | None):
+        """(image, mask) transformed; only the geometric transforms move the body mask."""
+        return self.apply(image, params), mask
+
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
@@ -254,6 +258,9 @@ class RandomFlip(_Transform):
         for k, axis in enumerate(self.axes):
             image = torch.where(_per_sample(params[:, k], image).bool(), image.flip(2 + axis), image)
         return image
+
+    def __call__(self, image, params, mask):
+        return self.apply(image, params), None if mask is None else self.apply(mask, params)
 
 
 class RandomAffine(_Transform):
@@ -280,10 +287,18 @@ class RandomAffine(_Transform):
         linear = rotation(params[:, 3:6]) @ torch.diag_embed(params[:, :3])
         return torch.cat([linear, params[:, 6:9, None]], dim=2)
 
-    def apply(self, image, params):
-        grid = affine_grid(self.matrices(params.to(image)), image.shape[2:])
+    def apply(self, image, params, grid: torch.Tensor | None = None):
+        grid = affine_grid(self.matrices(params.to(image)), image.shape[2:]) if grid is None else grid
         low = image.amin(dim=(1, 2, 3, 4), keepdim=True)
         return F.grid_sample(image - low, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + low
+
+    def __call__(self, image, params, mask):
+        """The mask is sampled on the image's grid, nearest neighbour, zero outside."""
+        grid = affine_grid(self.matrices(params.to(image)), image.shape[2:])
+        if mask is not None:
+            moved = F.grid_sample(mask.to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            mask = moved.to(mask.dtype)
+        return self.apply(image, params, grid), mask
 
 
 class RandomGamma(_Transform):
@@ -445,24 +460,12 @@ class BatchAugment:
         for t, params in zip(self.transforms, self.draw(index, epoch)):
             on = params[:, -1].bool()
             if bool(on.all()):
-                image, mask = self._apply(t, image, params[:, :-1], mask)
+                image, mask = t(image, params[:, :-1], mask)
             elif bool(on.any()):
                 sel = on.nonzero().flatten()
                 part_mask = None if mask is None else mask[sel.to(mask.device)]
-                done, moved = self._apply(t, image[sel.to(image.device)], params[sel, :-1], part_mask)
+                done, moved = t(image[sel.to(image.device)], params[sel, :-1], part_mask)
                 image = image.index_copy(0, sel.to(image.device), done.to(image.dtype))
                 if mask is not None:
                     mask = mask.index_copy(0, sel.to(mask.device), moved)
         return image, mask
-
-    @staticmethod
-    def _apply(t: _Transform, image: torch.Tensor, params: torch.Tensor, mask: torch.Tensor | None):
-        """`t` on the image; the body mask moves with the geometric transforms (nearest, zero outside)."""
-        out = t.apply(image, params)
-        if mask is not None and isinstance(t, RandomFlip):
-            mask = t.apply(mask, params)
-        elif mask is not None and isinstance(t, RandomAffine):
-            grid = affine_grid(t.matrices(params.float().to(mask.device)), mask.shape[2:])
-            moved = F.grid_sample(mask.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-            mask = moved.to(mask.dtype)
-        return out, mask

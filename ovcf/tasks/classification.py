@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.functional.classification import binary_auroc
 
 from ovcf.contract import SIGNS
@@ -91,6 +91,9 @@ class ClassificationTask(L.LightningModule):
             if model_kwargs.get("weights"):
                 self._load_sign_head(Path(model_kwargs["weights"]).expanduser())
         self._sign_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The epoch's sign loss, weighted by known rows on the device: logging it costs no host sync per step.
+        self.train_sign_loss = MeanMetric(nan_strategy="disable")
+        self._train_signs = True  # whether the training rows carry sign labels (on_fit_start)
         # Not a buffer: checkpoints must load whatever pos_weight the run had.
         self.pos_weight = None if pos_weight in (None, "auto") else torch.tensor(float(pos_weight))
         self.val_metrics = binary_metrics("val/")
@@ -161,10 +164,13 @@ class ClassificationTask(L.LightningModule):
         return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=weight)
 
     def on_fit_start(self) -> None:
+        train = getattr(self.trainer.datamodule, "datasets", {}).get("train")
         if self.hparams.pos_weight == "auto":
-            labels = self.trainer.datamodule.datasets["train"].labels
+            labels = train.labels
             acute = float(labels.sum())
             self.pos_weight = torch.tensor((len(labels) - acute) / max(acute, 1.0))
+        # A cohort without sign labels logs no sign loss; without a datamodule the rows are not known up front.
+        self._train_signs = train is None or bool(train.signs_known.any())
 
     def on_train_epoch_start(self) -> None:
         seed_epoch(self.current_epoch)
@@ -176,9 +182,10 @@ class ClassificationTask(L.LightningModule):
             known = batch["signs_known"]
             sign_loss = self.sign_loss(sign_logits, batch["signs"], known)
             loss = loss + self.hparams.sign_weight * sign_loss
-            if bool(known.any()):
-                self.signs_learned.fill_(True)
-                self.log("train/sign_loss", sign_loss, on_step=False, on_epoch=True, batch_size=int(known.sum()))
+            if self._train_signs:  # no host sync in the step: the flag and the weighted mean stay on the device
+                self.signs_learned.logical_or_(known.any())
+                self.train_sign_loss.update(sign_loss.detach(), weight=known.sum())
+                self.log("train/sign_loss", self.train_sign_loss, on_step=False, on_epoch=True)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 

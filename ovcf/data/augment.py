@@ -11,7 +11,6 @@ those that speak mm take the ROI spacing (`spacing`), which the config fills fro
 
 from __future__ import annotations
 
-import torch
 import torchio as tio
 from torchio.transforms import IntensityTransform
 from torchio.transforms.augmentation import RandomTransform
@@ -107,7 +106,7 @@ class RandomCorrelatedNoise(RandomTransform, IntensityTransform):
             if sd == 0:
                 continue
             data = image.data
-            noise = correlated_noise(torch.randn(data.shape), grain)
+            noise = correlated_noise(data.shape, grain)
             image.set_data(data + (noise * (sd / self.hu_per_unit)).to(data.dtype))
         return subject
 

@@ -43,20 +43,42 @@ def _per_sample(values, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1, 1)
 
 
+def mix_along(x: torch.Tensor, matrices: torch.Tensor, axis: int) -> torch.Tensor:
+    """Each sample of `x` (B, C, X, Y, Z) mixed along `axis` (2, 3 or 4) by its own (n, n) matrix, a
+    slice of `matrices` (B, n, n): `out[i] = sum_k M[i, k] x[k]` along that axis. Any linear 1D
+    operator (a convolution with its edges, a resampling) is one such matrix. One matrix product
+    per sample, each of the same shape whatever the batch, so a sample's result does not depend on
+    the batch it is in; on a CPU 3-4x faster than a 7-tap loop of shifted multiply-adds."""
+    m = matrices.to(x)
+    out = torch.empty_like(x)
+    n = x.shape[axis]
+    for b in range(len(x)):
+        pre = x[b].reshape(-1, n, math.prod(x.shape[axis + 1 :]))  # (before, n, after)
+        if axis == Z:
+            out[b] = (pre.reshape(-1, n) @ m[b].T).reshape(x.shape[1:])
+        elif pre.shape[0] == 1:  # the first spatial axis of one channel: a transposed product (BLAS is faster so)
+            out[b] = (pre[0].T @ m[b].T).T.reshape(x.shape[1:])
+        else:
+            out[b] = torch.matmul(m[b], pre).reshape(x.shape[1:])
+    return out
+
+
+def band_matrix(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, n) matrices of the 1D convolutions with the odd-length kernels `weights` (B, K) over n
+    voxels, the edges repeating their last voxel (scipy's "nearest")."""
+    k = weights.shape[1]
+    rows = torch.arange(n, device=weights.device)
+    m = torch.zeros(weights.shape[0], n, n, dtype=weights.dtype, device=weights.device)
+    for tap in range(k):
+        cols = (rows + tap - k // 2).clamp(0, n - 1)
+        m[:, rows, cols] += weights[:, tap : tap + 1]
+    return m
+
+
 def conv_along(x: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
     """Each sample of `x` (B, C, X, Y, Z) convolved along `axis` (2, 3 or 4) with its own odd-length
-    1D kernel, a row of `weights` (B, K); the edges repeat their last voxel (scipy's "nearest").
-    Shifted multiply-adds rather than a grouped conv3d: as fast on a CPU, and elementwise, so a
-    sample's result does not depend on the batch it is in."""
-    k, n = weights.shape[1], x.shape[axis]
-    pad = [0] * 6
-    pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = k // 2  # F.pad lists the last axis first
-    padded = F.pad(x, pad, mode="replicate")
-    weights = weights.to(x)
-    out = torch.zeros_like(x)
-    for tap in range(k):
-        out += _per_sample(weights[:, tap], x) * padded.narrow(axis, tap, n)
-    return out
+    1D kernel, a row of `weights` (B, K); the edges repeat their last voxel (scipy's "nearest")."""
+    return mix_along(x, band_matrix(weights.double(), x.shape[axis]), axis)
 
 
 def gaussian_weights(sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -81,21 +103,6 @@ def kernel_mtf(x: torch.Tensor, gain, sigma, sigma_z, largest: float | None = No
     return x + _per_sample(gain, x) * (x - smooth)
 
 
-def _lerp_z(data: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """`data` (B, C, X, Y, Z) linearly interpolated at fractional z `positions` (B, N), clamped at the ends."""
-    n = data.shape[Z]
-    positions = positions.clamp(0, n - 1)
-    lo = positions.floor().long()
-    hi = (lo + 1).clamp(max=n - 1)
-    frac = (positions - lo).to(data.dtype)[:, None, None, None, :]
-    shape = (*data.shape[:Z], positions.shape[1])
-
-    def take(index):
-        return torch.gather(data, Z, index[:, None, None, None, :].expand(shape))
-
-    return take(lo) * (1 - frac) + take(hi) * frac
-
-
 def slice_thickness(x: torch.Tensor, width, phase) -> torch.Tensor:
     """Thick slices: each slice averages `width` voxels along z (a box profile: partial volume), the
     slices lie `width` apart from a `phase` in [0, 1), and the cube is interpolated back to its grid,
@@ -104,40 +111,47 @@ def slice_thickness(x: torch.Tensor, width, phase) -> torch.Tensor:
     phase = torch.as_tensor(phase, dtype=torch.float64).reshape(-1)
     if float(width.max()) <= 1:
         return x
-    n = x.shape[Z]
+    return mix_along(x, thick_slice_matrix(x.shape[Z], width, phase), Z)
+
+
+def thick_slice_matrix(n: int, width: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) float64: the box average of `width` voxels, then the thick slices' linear
+    interpolation back onto the n voxels (clamped at the ends), as one matrix along z per sample."""
     w = width.clamp_min(1.0)
     reach = math.ceil(float(w.max()) / 2)
     taps = torch.arange(-reach, reach + 1, dtype=torch.float64)
     half = (w / 2)[:, None]
     box = (torch.minimum(taps + 0.5, half) - torch.maximum(taps - 0.5, -half)).clamp_min(0)  # voxel overlap
-    thick = conv_along(x, box / box.sum(1, keepdim=True), Z)
+    average = band_matrix(box / box.sum(1, keepdim=True), n)
     count = torch.ceil(n / w) + 2  # slices, one beyond each end
     grid = torch.arange(n, dtype=torch.float64)
     p = torch.minimum(((grid + 0.5) / w[:, None] - phase[:, None] + 1).clamp_min(0), (count - 1)[:, None])
     j0 = p.floor()
     j1 = torch.minimum(j0 + 1, (count - 1)[:, None])
-    frac = (p - j0).to(x.dtype)[:, None, None, None, :].to(x.device)
+    interp = torch.zeros(len(w), n, n, dtype=torch.float64)
+    for j, share in ((j0, 1 - (p - j0)), (j1, p - j0)):
+        centre = ((phase[:, None] + j - 1) * w[:, None] - 0.5).clamp(0, n - 1)  # slice j's centre in voxels
+        lo = centre.floor()
+        hi = (lo + 1).clamp(max=n - 1)
+        interp.scatter_add_(2, lo.long()[..., None], (share * (1 - (centre - lo)))[..., None])
+        interp.scatter_add_(2, hi.long()[..., None], (share * (centre - lo))[..., None])
+    matrices = interp @ average
+    matrices[width <= 1] = torch.eye(n, dtype=torch.float64)
+    return matrices
 
-    def slice_at(j):  # slice j's centre in voxels: (phase + j - 1) * width - 0.5
-        return _lerp_z(thick, ((phase[:, None] + j - 1) * w[:, None] - 0.5).to(x.device))
 
-    out = slice_at(j0) * (1 - frac) + slice_at(j1) * frac
-    keep = _per_sample(width <= 1, x).bool()
-    return torch.where(keep, x, out)
-
-
-def correlated_noise(white: torch.Tensor, grain) -> torch.Tensor:
-    """`white` (..., X, Y, Z) filtered by the band-pass `|f| exp(-2 pi^2 grain^2 |f|^2)` (the ramp
-    filter of filtered back-projection times a kernel's apodisation) over its last three axes, to
-    unit SD per leading index; `grain` a number or one per sample, broadcast over (..., 1, 1, 1)."""
-    shape = white.shape[-3:]
-    dev = white.device
-    freqs = [torch.fft.fftfreq(n, device=dev) for n in shape[:-1]] + [torch.fft.rfftfreq(shape[-1], device=dev)]
-    f2 = sum(f.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, f in enumerate(freqs))
-    grain = torch.as_tensor(grain, dtype=white.dtype, device=dev)
-    grain = grain.reshape(*grain.shape, 1, 1, 1) if grain.ndim else grain
-    spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * grain**2 * f2)
-    noise = torch.fft.irfftn(torch.fft.rfftn(white, dim=(-3, -2, -1)) * spectrum, s=shape, dim=(-3, -2, -1))
+def correlated_noise(shape, grain: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Noise of `shape` (..., X, Y, Z), float32, at unit SD per leading index, whose spectrum over the
+    last three axes is the band-pass `|f| exp(-2 pi^2 grain^2 |f|^2)` (the ramp filter of filtered
+    back-projection times a kernel's apodisation). White noise's Fourier coefficients are themselves
+    white, so they are drawn on the half-spectrum directly: one inverse FFT, where filtering white
+    noise takes two."""
+    *lead, nx, ny, nz = shape
+    freqs = [torch.fft.fftfreq(nx, device=device), torch.fft.fftfreq(ny, device=device), torch.fft.rfftfreq(nz, device=device)]
+    f2 = freqs[0][:, None, None] ** 2 + freqs[1][None, :, None] ** 2 + freqs[2][None, None, :] ** 2
+    spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * float(grain) ** 2 * f2)
+    white = torch.randn((*lead, *spectrum.shape), dtype=torch.complex64, generator=generator, device=device)
+    noise = torch.fft.irfftn(white * spectrum, s=(nx, ny, nz), dim=(-3, -2, -1))
     return noise / noise.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-12)
 
 
@@ -376,19 +390,18 @@ class RandomCorrelatedNoise(_Transform):
         self.hu_per_unit = hu_per_unit(kwargs.get("hu_window", (-250.0, 1250.0)))
 
     def draw(self, gen):
-        seed = int(torch.randint(2**52, (), generator=gen))  # exact as a float64  # the white noise's own stream, on the device
+        seed = int(torch.randint(2**52, (), generator=gen))  # the noise's own stream, on the device (exact as a float64)
         return [_uniform(gen, *self.hu) / self.hu_per_unit, _uniform(gen, *self.grain), float(seed)]
 
     def apply(self, image, params):
-        white = torch.stack(
+        dev = image.device
+        noise = torch.stack(  # one FFT per sample: a batched FFT rounds differently by batch size
             [
-                torch.randn(image.shape[1:], generator=torch.Generator(image.device).manual_seed(int(s)), device=image.device)
-                for s in params[:, 2].tolist()
+                correlated_noise(image.shape[1:], g, torch.Generator(dev).manual_seed(int(s)), dev)
+                for g, s in zip(params[:, 1].tolist(), params[:, 2].tolist())
             ]
         )
-        # one FFT per sample: a batched FFT rounds differently by batch size
-        noise = torch.stack([correlated_noise(w.to(image.dtype), float(g)) for w, g in zip(white, params[:, 1])])
-        return image + _per_sample(params[:, 0], image) * noise
+        return image + _per_sample(params[:, 0], image) * noise.to(image.dtype)
 
 
 class RandomHuOffset(_Transform):

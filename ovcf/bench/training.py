@@ -4,7 +4,9 @@ Both train the same network on the same in-memory tensors (the default cohort's 
 generated on first use) with the same batch size and optimizer; the ratio is what Lightning,
 the DataModule, the metrics and, with it on, the training augmentation cost per sample. The
 pipeline runs once per augmentation engine asked for: none, batch (on the training device) and
-torchio (per sample in the loader).
+torchio (per sample in the loader). A segmenter (`--model unet,umamba,unetr_pp`, or `segmenters`)
+trains on the patches its DataModule draws, the bare loop on patches drawn beforehand with the
+task's own loss; segmenters train without augmentation, so they run once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from omegaconf import OmegaConf
 from ovcf.cli import config_dir, resolve_cohort, setup_logging
 from ovcf.data import CohortDataModule
 from ovcf.models import list_models
+from ovcf.models.registry import model_task
 from ovcf.tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,16 @@ class _StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def _task(model_name: str, kwargs: dict, args) -> torch.nn.Module:
-    task = ClassificationTask(model_name, kwargs)
+def _task(model_cfg, args) -> L.LightningModule:
+    """The model config's task (a classifier's with its defaults, as before; a segmenter's as configured)."""
+    if model_cfg.get("task") == "segmentation":
+        task = hydra.utils.instantiate(OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k != "task"]))
+    else:
+        task = ClassificationTask(model_cfg.model_name, OmegaConf.to_container(model_cfg.model_kwargs, resolve=True))
     return torch.compile(task) if args.compile else task
 
 
-def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> tuple[float, float]:
+def bench_pipeline(dm: CohortDataModule, model_cfg, steps: int, warmup: int, args) -> tuple[float, float]:
     """Samples/s of `trainer.fit`, and the share of step time spent waiting for data."""
     L.seed_everything(0)
     timer = _StepTimer(warmup)
@@ -78,20 +85,26 @@ def bench_pipeline(dm: CohortDataModule, model_name: str, kwargs: dict, steps: i
         devices=1,
         precision=args.precision,
     )
-    trainer.fit(_task(model_name, kwargs, args), datamodule=dm)
+    trainer.fit(_task(model_cfg, args), datamodule=dm)
     return timer.samples / timer.seconds, timer.wait / timer.seconds
 
 
-def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, warmup: int, args) -> float:
+def bench_bare(dm: CohortDataModule, model_cfg, steps: int, warmup: int, args) -> float:
     torch.manual_seed(0)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    net = _task(model_name, kwargs, args).to(device)  # the same encoder and head as the pipeline
+    net = _task(model_cfg, args).to(device)  # the same encoder and head as the pipeline
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     ds = dm.datasets["train"]
     bs = dm.hparams.batch_size
-    n = len(ds)
+    segmenter = model_cfg.get("task") == "segmentation"
+    if segmenter:  # patches drawn beforehand, each batch a slice of them
+        patches = [ds[i] for i in range(min(len(ds), 8 * bs))]
+        images, labels = (torch.stack([p[k] for p in patches]) for k in ("image", "label"))
+    else:
+        images, labels = ds.images, ds.labels
+    n = len(images)
     net.train()
     samples, start = 0, None
     for step in range(steps + warmup):
@@ -99,9 +112,12 @@ def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, 
             _sync()
             start = time.perf_counter()
         idx = torch.randint(0, n, (bs,))
-        x, y = ds.images[idx].to(device), ds.labels[idx].to(device)  # the loader's copy, as Lightning does
+        x, y = images[idx].to(device), labels[idx].to(device)  # the loader's copy, as Lightning does
         with autocast:
-            loss = loss_fn(net(x).reshape(-1).float(), y)
+            if segmenter:
+                loss = net.training_loss({"image": x, "label": y})[0]
+            else:
+                loss = loss_fn(net(x).reshape(-1).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,9 +127,21 @@ def bench_bare(dm: CohortDataModule, model_name: str, kwargs: dict, steps: int, 
     return samples / (time.perf_counter() - start)
 
 
+def _datamodule(data) -> CohortDataModule:
+    """The data config `data` instantiated, its cohort ingested and its sets built."""
+    dm = hydra.utils.instantiate(data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="densenet121", help="model config names (conf/model), comma-separated, or all")
+    parser.add_argument(
+        "--model",
+        default="densenet121",
+        help="model config names (conf/model), comma-separated; all: every classifier; segmenters: every segmenter",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -129,36 +157,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     setup_logging()  # a benchmark is a command Hydra does not start: its console is set up here
-    models = list_models("classification") if args.model == "all" else args.model.split(",")
+    groups = {"all": list_models("classification"), "segmenters": list_models("segmentation")}
+    models = groups.get(args.model) or args.model.split(",")
     engines = args.augment.split(",")
     if not set(engines) <= {"none", "batch", "torchio"}:
         parser.error(f"--augment {args.augment}: use none, batch and/or torchio, comma-separated")
+    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
+    compiled = ", torch.compile" if args.compile else ""
+    log.info(f"batch {args.batch_size} (segmenters: their own), {args.precision}{compiled}, {args.steps} steps, {where}")
+    log.info(f"{'model':<16}{'augment':<9}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
     modules = {}
     for name in models:
+        task = model_task(name) or "classification"
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(
                 "train",
-                overrides=[f"model={name}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+                overrides=[f"task={task}", f"model={name}", "paths.output_dir=."]
+                + ([f"data.batch_size={args.batch_size}"] if task == "classification" else [])
                 + [f"data.num_workers={args.num_workers}"]
                 + (["debug=smoke"] if args.smoke else []),
             )
-        if not modules:  # one data module per engine for every model: the same tensors
-            resolve_cohort(cfg)
-            for engine in engines:
+        resolve_cohort(cfg)
+        if task == "segmentation":  # its own patches, no augmentation
+            todo = {"none": _datamodule(cfg.data)}
+        else:  # one data module per engine, shared by every classifier: the same tensors
+            for engine in [e for e in engines if e not in modules]:
                 data = cfg.data.copy()
                 data.augment_engine = "torchio" if engine == "none" else engine
                 data.augment_strength = 0.0 if engine == "none" else data.augment_strength
-                modules[engine] = hydra.utils.instantiate(data)
-                modules[engine].prepare_data()
-                modules[engine].setup("fit")
-            where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{torch.get_num_threads()} CPU threads"
-            compiled = ", torch.compile" if args.compile else ""
-            log.info(f"batch {args.batch_size}, {args.precision}{compiled}, {args.steps} steps on {where}")
-            log.info(f"{'model':<16}{'augment':<9}{'pipeline/s':>12}{'bare/s':>10}{'ratio':>8}{'data wait':>11}")
-        kwargs = OmegaConf.to_container(cfg.model.model_kwargs, resolve=True)
-        bare = bench_bare(modules[engines[0]], cfg.model.model_name, kwargs, args.steps, args.warmup, args)
-        for engine, dm in modules.items():
-            pipeline, wait = bench_pipeline(dm, cfg.model.model_name, kwargs, args.steps, args.warmup, args)
+                modules[engine] = _datamodule(data)
+            todo = modules
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True) | {"task": task})
+        bare = bench_bare(next(iter(todo.values())), model_cfg, args.steps, args.warmup, args)
+        for engine, dm in todo.items():
+            pipeline, wait = bench_pipeline(dm, model_cfg, args.steps, args.warmup, args)
             log.info(f"{name:<16}{engine:<9}{pipeline:12.1f}{bare:10.1f}{pipeline / bare:8.3f}{100 * wait:10.1f}%")
     log.info("pipeline: Lightning + DataModule + metrics; bare: a PyTorch loop over the same model and in-memory tensors")
     log.info(

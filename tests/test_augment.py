@@ -203,9 +203,10 @@ def test_batched_transforms_match_torchio_in_distribution(name):
         se = float((a.var() / n + b.var() / n).sqrt())
         assert abs(float(a.mean() - b.mean())) <= 4 * se + 1e-3, (what, float(a.mean()), float(b.mean()), se)
     if name == "RandomFlip":  # moves none of these statistics, only the voxels: about half mirrored
+        cube = _batch(1)[0]
         for out in (batched, torch.stack(reference)):
-            mirrored = sum(torch.equal(o, _batch(1)[0].flip(1)) for o in out)
-            kept = sum(torch.equal(o, _batch(1)[0]) for o in out)
+            mirrored = sum(torch.equal(o, cube.flip(1)) for o in out)
+            kept = sum(torch.equal(o, cube) for o in out)
             assert mirrored + kept == n and 8 <= mirrored <= 24
     else:  # and the transform did something: a statistic moved
         assert float((ours - _stats(_batch(1))).abs().amax(0).max()) > 1e-3

@@ -106,7 +106,7 @@ def test_heatmap_concentrates_on_a_planted_band(tmp_path):
     params["centers"]["A"] |= {"pixel_spacing": 1.0, "matrix": 128, "slice_thickness": 1.5, "slice_spacing": 1.5}
     roi, caches = RoiSpec(32, 1.5, None), {}
     # A fixed key: the pseudonyms, hence the split below, are the same on every run (a fresh key drew a new
-    # split each run; on one split in five of those measured the band/rest ratio was 0.82, docs/results.md).
+    # split each run; on one split in five of those measured the band/rest ratio was 0.82: external-validation.md).
     (tmp_path / "key").write_text("0" * 64)
     for name, ablate in (("band", []), ("plain", ["impaction_band"])):
         folder = generate_cohort(tmp_path / name, num_workers=2, progress=False, **(params | {"ablate": ablate}))

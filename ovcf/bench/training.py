@@ -62,8 +62,8 @@ class _StepTimer(L.Callback):
 
 def _task(model_cfg, args) -> L.LightningModule:
     """The model config's task (a classifier's with its defaults, as before; a segmenter's as configured)."""
-    if model_cfg.get("task") == "segmentation":
-        task = hydra.utils.instantiate(OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k != "task"]))
+    if model_task(model_cfg.model_name) == "segmentation":
+        task = hydra.utils.instantiate(model_cfg)
     else:
         task = ClassificationTask(model_cfg.model_name, OmegaConf.to_container(model_cfg.model_kwargs, resolve=True))
     return torch.compile(task) if args.compile else task
@@ -98,7 +98,7 @@ def bench_bare(dm: CohortDataModule, model_cfg, steps: int, warmup: int, args) -
     loss_fn = torch.nn.BCEWithLogitsLoss()
     ds = dm.datasets["train"]
     bs = dm.hparams.batch_size
-    segmenter = model_cfg.get("task") == "segmentation"
+    segmenter = model_task(model_cfg.model_name) == "segmentation"
     if segmenter:  # patches drawn beforehand, each batch a slice of them
         patches = [ds[i] for i in range(min(len(ds), 8 * bs))]
         images, labels = (torch.stack([p[k] for p in patches]) for k in ("image", "label"))
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 data.augment_strength = 0.0 if engine == "none" else data.augment_strength
                 modules[engine] = _datamodule(data)
             todo = modules
-        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True) | {"task": task})
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
         bare = bench_bare(next(iter(todo.values())), model_cfg, args.steps, args.warmup, args)
         for engine, dm in todo.items():
             pipeline, wait = bench_pipeline(dm, model_cfg, args.steps, args.warmup, args)

@@ -15,6 +15,7 @@ Tensors are (B, C, X, Y, Z): X, Y, Z the ROI cube's axes in RAS, Z the scan's sl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -140,6 +141,14 @@ def thick_slice_matrix(n: int, width: torch.Tensor, phase: torch.Tensor) -> torc
     return matrices
 
 
+@functools.lru_cache(maxsize=8)
+def _squared_frequencies(nx: int, ny: int, nz: int, device: torch.device) -> torch.Tensor:
+    """|f|^2 on the half-spectrum grid of an (nx, ny, nz) real FFT: the same for every sample of a batch."""
+    fx, fy = torch.fft.fftfreq(nx, device=device), torch.fft.fftfreq(ny, device=device)
+    fz = torch.fft.rfftfreq(nz, device=device)
+    return fx[:, None, None] ** 2 + fy[None, :, None] ** 2 + fz[None, None, :] ** 2
+
+
 def correlated_noise(shape, grain: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Noise of `shape` (..., X, Y, Z), float32, at unit SD per leading index, whose spectrum over the
     last three axes is the band-pass `|f| exp(-2 pi^2 grain^2 |f|^2)` (the ramp filter of filtered
@@ -147,8 +156,7 @@ def correlated_noise(shape, grain: float, generator: torch.Generator | None = No
     white, so they are drawn on the half-spectrum directly: one inverse FFT, where filtering white
     noise takes two."""
     *lead, nx, ny, nz = shape
-    freqs = [torch.fft.fftfreq(nx, device=device), torch.fft.fftfreq(ny, device=device), torch.fft.rfftfreq(nz, device=device)]
-    f2 = freqs[0][:, None, None] ** 2 + freqs[1][None, :, None] ** 2 + freqs[2][None, None, :] ** 2
+    f2 = _squared_frequencies(nx, ny, nz, torch.device(device or "cpu"))
     spectrum = f2.sqrt() * torch.exp(-2 * np.pi**2 * float(grain) ** 2 * f2)
     white = torch.randn((*lead, *spectrum.shape), dtype=torch.complex64, generator=generator, device=device)
     noise = torch.fft.irfftn(white * spectrum, s=(nx, ny, nz), dim=(-3, -2, -1))

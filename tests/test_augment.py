@@ -228,6 +228,36 @@ def test_batched_augmentation_is_keyed_by_seed_epoch_and_sample():
         assert all(not torch.allclose(changed[i], whole[i], atol=1e-4) for i in range(4))
 
 
+def test_a_slab_comes_out_as_the_whole_cube_makes_it():
+    """A 2.5D network reads a slab of X rows; augmenting only that slab (sampled from the whole cube,
+    widened by the kernel's reach) gives those rows as the whole cube's pipeline does, the others 0.
+    The noise alone is drawn on the slab: the same SD and grain, another draw."""
+    from ovcf.data.batch_augment import BatchAugment
+
+    spec = OmegaConf.to_container(compose_cfg("train", []).data.augment, resolve=True)
+    noise = spec.pop("RandomCorrelatedNoise")
+    spec["RandomAffine"]["p"] = spec["RandomKernel"]["p"] = 0.5  # samples that skip the cut's transform
+    mask = (_cube(noise=0.0)["image"].data > 0.5).to(torch.uint8)[None].repeat(6, 1, 1, 1, 1)
+    x = torch.stack([_cube(seed=s)["image"].data for s in range(6)])
+    aug, index, epoch = BatchAugment(spec, seed=3), list(range(6)), [2] * 6
+    assert aug.plan((9, 14), 24)[-1] == (9, 14, 24) and aug.plan((9, 14), 24)[2] == (6, 17, 24)  # kernel reach 3
+    whole, whole_mask = aug(x, index, epoch, mask)
+    slab, slab_mask = aug(x, index, epoch, mask, reads=(9, 14))
+    assert torch.allclose(slab[:, :, 9:14], whole[:, :, 9:14], atol=1e-6)
+    assert torch.equal(slab_mask[:, :, 9:14], whole_mask[:, :, 9:14])
+    assert slab[:, :, :9].abs().max() == 0 and slab[:, :, 14:].abs().max() == 0 and slab_mask[:, :, 14:].max() == 0
+    assert not torch.allclose(whole[:, :, 9:14], x[:, :, 9:14], atol=1e-3)  # and it did augment
+
+    alone = BatchAugment({"RandomCorrelatedNoise": noise | {"grain": [1.5, 1.5]}}, seed=3)
+    flat = torch.full((6, 1, 24, 24, 24), 0.4)
+    drawn = alone.draw(index, epoch)[0][:, 0]  # SD per sample, in window units
+    slab_noise = alone(flat, index, epoch, reads=(9, 14))[0][:, :, 9:14] - 0.4
+    whole_noise = alone(flat, index, epoch)[0][:, :, 9:14] - 0.4
+    sd = slab_noise.flatten(1).std(1).double()
+    assert torch.allclose(sd, drawn, rtol=1e-3)
+    assert abs(_correlation_length(slab_noise[:, 0]) - _correlation_length(whole_noise[:, 0])) <= 1
+
+
 def test_batched_geometry_moves_the_mask_with_the_image():
     from ovcf.data.batch_augment import BatchAugment
 
@@ -239,6 +269,12 @@ def test_batched_geometry_moves_the_mask_with_the_image():
     found = out > 0.45
     dice = 2 * (found & moved.bool()).sum() / (found.sum() + moved.sum())
     assert dice > 0.95
+    # The flip and the affine resample once, their maps composed: as one pass after the other.
+    aug = BatchAugment(spec, seed=0)
+    img, msk = image, mask
+    for t, params in zip(aug.transforms, aug.draw(list(range(8)), [0] * 8)):
+        img, msk = t(img, params[:, :-1], msk)
+    assert torch.allclose(out, img, atol=1e-5) and float((moved != msk).float().mean()) < 1e-3
 
 
 def test_engine_follows_the_config():

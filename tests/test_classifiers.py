@@ -50,6 +50,16 @@ def test_every_model_runs_forward_and_backward(name, in_channels):
     logits.sum().backward()
     first = next(p for p in task.net.parameters() if p.ndim >= 3)
     assert first.grad is not None and first.grad.abs().sum() > 0
+    # A 2.5D network names the X rows it reads, and the training augmentation makes only those: no other row may count.
+    reads = task.reads(roi)
+    assert (reads is not None) == (name in ("vgg16", "densenet121", "vit", "swin"))
+    if reads is not None:
+        x = x.clone().requires_grad_()
+        (task.net(x) * torch.randn(net.num_features)).sum().backward()  # a plain sum of a LayerNorm's output is flat
+        read = torch.zeros(roi, dtype=torch.bool)
+        read[reads[0] : reads[1]] = True
+        assert x.grad[:, :, ~read].abs().max() == 0 and x.grad[:, :, reads[0]].abs().max() > 0
+        assert x.grad[:, :, reads[1] - 1].abs().max() > 0
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "vit_3d"])

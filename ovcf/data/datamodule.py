@@ -336,7 +336,9 @@ class CohortDataModule(L.LightningDataModule):
         if self.batch_augment is None or self.trainer is None or not self.trainer.training:
             return batch
         mask = batch["mask"] if self.hparams.in_channels == 2 else None
-        image, mask = self.batch_augment(batch["image"], batch["index"].tolist(), batch["epoch"].tolist(), mask)
+        reads = getattr(self.trainer.lightning_module, "reads", None)  # a 2.5D network reads a slab: augment that alone
+        reads = None if reads is None else reads(batch["image"].shape[2])
+        image, mask = self.batch_augment(batch["image"], batch["index"].tolist(), batch["epoch"].tolist(), mask, reads)
         if mask is not None:
             batch["mask"], image = mask, torch.cat([image, mask.to(image.dtype)], 1)
         return batch | {"image": image}

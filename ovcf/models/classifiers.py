@@ -85,6 +85,12 @@ class SagittalStack(nn.Module):
         """Grad-CAM candidates, shallow to deep, as module names inside this encoder."""
         return [f"net.{name}" for name in self._cam_layers]
 
+    def reads(self, size: int) -> tuple[int, int]:
+        """The X rows (lo, hi) that `forward` reads of a cube `size` wide (20-28 of 48 by default):
+        the training augmentation makes only these."""
+        idx = (size // 2 + self.slice_step * (torch.arange(self.n_slices) - self.n_slices // 2)).clamp(0, size - 1)
+        return int(idx.min()), int(idx.max()) + 1
+
     def cam_to_cube(self, raw: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
         """The (B, 1, y, z) map over the sagittal plane, resized and placed on the slab of sagittal planes
         the network saw; (B, X, Y, Z), zero elsewhere, since nothing there reached the network."""

@@ -126,6 +126,12 @@ class ClassificationTask(L.LightningModule):
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         return self._fuse(self.net(image), clinical)
 
+    def reads(self, size: int) -> tuple[int, int] | None:
+        """The X rows (lo, hi) of a cube `size` wide that the encoder reads, None for all of them:
+        the DataModule's batched augmentation then makes only these."""
+        reads = getattr(self.net, "reads", None)
+        return None if reads is None else reads(size)
+
     def logits(self, batch: dict) -> torch.Tensor:
         return self(batch["image"], batch.get("clinical"))
 

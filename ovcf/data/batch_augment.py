@@ -370,9 +370,6 @@ class RandomAffine(_Transform):
         linear = rotation(params[:, 3:6]) @ torch.diag_embed(params[:, :3])
         return torch.cat([linear, params[:, 6:9, None]], dim=2)
 
-    def apply(self, image, params):
-        return resample(image, None, self.matrices(params.to(image)))[0]
-
     def __call__(self, image, params, mask, have=None, need=None):
         return resample(image, mask, self.matrices(params.to(image)), need)
 

@@ -287,13 +287,25 @@ class _Transform:
         return _cut(self.apply(image, params), have, need), _cut(mask, have, need)
 
 
-def _cut(x: torch.Tensor | None, have, need) -> torch.Tensor | None:
-    """The X rows `need` (lo, hi, n) of a (B, C, X, Y, Z) batch that holds the rows `have` (None:
-    all); a `need` or an `x` of None: `x` as it is."""
-    if x is None or need is None:
-        return x
+def _span(have, need) -> slice:
+    """Where the X rows `need` (lo, hi, n) lie in a batch that holds the rows `have` (None: all)."""
     start = 0 if have is None else have[0]
-    return x[:, :, need[0] - start : need[1] - start]
+    return slice(need[0] - start, need[1] - start)
+
+
+def _cut(x: torch.Tensor | None, have, need) -> torch.Tensor | None:
+    """The X rows `need` of a (B, C, X, Y, Z) batch that holds the rows `have`; a `need` or an `x`
+    of None: `x` as it is."""
+    return x if x is None or need is None else x[:, :, _span(have, need)]
+
+
+def _place(x: torch.Tensor | None, shape, lo: int, hi: int) -> torch.Tensor | None:
+    """A batch of X rows lo:hi put back into zero cubes of the spatial `shape`; None stays None."""
+    if x is None:
+        return None
+    out = x.new_zeros((*x.shape[:2], *shape))
+    out[:, :, lo:hi] = x
+    return out
 
 
 class Draws:
@@ -448,8 +460,7 @@ class RandomKernel(_Transform):
     def __call__(self, image, params, mask, have=None, need=None):
         if need is None:
             return self.apply(image, params), mask
-        start = 0 if have is None else have[0]
-        return self.apply(image, params, slice(need[0] - start, need[1] - start)), _cut(mask, have, need)
+        return self.apply(image, params, _span(have, need)), _cut(mask, have, need)
 
 
 class RandomSliceThickness(_Transform):
@@ -597,14 +608,7 @@ class BatchAugment:
             k = end + 1
         if reads is None:
             return image, mask
-        lo, hi = reads
-        out = image.new_zeros(shape)
-        out[:, :, lo:hi] = image
-        if mask is not None:
-            whole = mask.new_zeros((*mask.shape[:2], *shape[2:]))
-            whole[:, :, lo:hi] = mask
-            mask = whole
-        return out, mask
+        return _place(image, shape[2:], *reads), _place(mask, shape[2:], *reads)
 
     def plan(self, reads, n: int) -> list[tuple[int, int, int] | None]:
         """The X rows (lo, hi, n) the batch holds before the first transform and after each: the

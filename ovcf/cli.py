@@ -208,6 +208,17 @@ def resolve_cohort(cfg: DictConfig) -> None:
         data.cohort = str(synthetic_cohort(Path(cfg.paths.data_dir), params, data.ingest_workers, data.progress))
 
 
+def check_data(cfg: DictConfig) -> None:
+    """Checks a user's cohort folder, its CSV and the center names before a command loads torch and
+    Lightning (half a minute on a small CPU): a wrong path or name fails in a second. The data module
+    checks the same again, through the same function."""
+    data = cfg.get("data")
+    if data is not None and data.get("cohort") is not None:
+        from ovcf.data.ingest import check_centers
+
+        check_centers(Path(data.cohort), data.get("dev_center"), data.get("external_center"))
+
+
 class CommandError(OvcfError):
     """A command that another one runs failed: what was done stays, the same command resumes."""
 

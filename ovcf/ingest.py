@@ -12,12 +12,13 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from ovcf.cli import hydra_main, resolve_cohort
+from ovcf.cli import check_data, hydra_main, resolve_cohort
 
 log = logging.getLogger(__name__)
 
 
 def ingest(cfg: DictConfig) -> dict:
+    check_data(cfg)  # a wrong folder or center name, named before the data module loads torch
     resolve_cohort(cfg)  # without cohort=, the built-in synthetic cohort (generated once, as ovcf.train does)
     dm = hydra.utils.instantiate(cfg.data)  # the same DataModule config as ovcf.train: the same cache
     dm.prepare_data()

@@ -18,13 +18,15 @@ import sys
 
 from omegaconf import DictConfig
 
-from ovcf.cli import hydra_main
+from ovcf.cli import check_data, hydra_main
 
 
 def train(cfg: DictConfig) -> float:
     """`ovcf.training.train`, defined here so that Hydra names the job (and its log file) `train`.
 
-    Imported when a run starts, so that handing `hparams_search=` over to ovcf.tune loads no torch."""
+    Imported when a run starts, so that handing `hparams_search=` over to ovcf.tune loads no torch,
+    and a wrong cohort folder or center name is named before torch loads."""
+    check_data(cfg)
     from ovcf.training import train as run
 
     return run(cfg)

@@ -60,15 +60,26 @@ def build_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
 
 def pytest_collection_modifyitems(items):
     """Longest first: the `slow(seconds=N)` tests start before the rest, in falling order (the others
-    keep theirs). With `make test`'s two workers taking tests two at a time, the short tests then
-    fill in at the end and both workers finish together; in file order two long tests came last
-    and one worker idled for about 200 s. N is measured on 2 CPU cores; it orders, it never fails."""
+    keep theirs), so the short tests fill in at the end and the workers finish together.
+
+    pytest-xdist's `--dist load` starts each worker on two consecutive tests, and the second waits
+    behind the first. So the head of the list is dealt longest first into those pairs, each test to
+    the pair with the least work so far: with two workers the four longest run as (1st, 4th) and
+    (2nd, 3rd), not (1st, 2nd) on one worker while the other finishes early. N is measured on 2 CPU
+    cores; it orders, it never fails."""
 
     def seconds(item) -> float:
         mark = item.get_closest_marker("slow")
         return float(mark.kwargs.get("seconds", 60)) if mark else 0.0
 
     items.sort(key=seconds, reverse=True)  # stable: ties keep file order
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and len(items) >= 2 * workers:
+        pairs: list[list] = [[] for _ in range(workers)]
+        for item in items[: 2 * workers]:
+            pair = min((p for p in pairs if len(p) < 2), key=lambda p: sum(map(seconds, p)))
+            pair.append(item)
+        items[: 2 * workers] = [item for pair in pairs for item in pair]
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from conftest import run_cli
 from ovcf.tasks import ClassificationTask
 
 
-@pytest.mark.slow(seconds=51)
+@pytest.mark.slow(seconds=137)
 def test_ddp_on_cpu_matches_one_process(tmp_path, tiny_cohort, cli_env):
     # vit_3d without its convolutional stem has no batch norm (CPU processes cannot synchronise it)
     args = [

@@ -29,14 +29,19 @@ def test_unknown_network_name_in_model_config(cli_env, tmp_path):
     assert "unknown classification model 'resnet'" in line and "densenet121" in line and "umamba" not in line
 
 
-def test_missing_cohort_folder(cli_env, tmp_path):
-    line = _one_line_error(run_cli("ovcf.train", [f"data.cohort={tmp_path / 'nope'}", "logger=csv"], cli_env, tmp_path))
-    assert str(tmp_path / "nope") in line and "data.cohort" in line
+def _imported(proc) -> set[str]:
+    """The modules a command run with PYTHONPROFILEIMPORTTIME=1 imported (Python lists them on stderr)."""
+    return {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
 
 
-def test_ingest_of_a_missing_folder(cli_env, tmp_path):
-    line = _one_line_error(run_cli("ovcf.ingest", [f"cohort={tmp_path / 'nope'}"], cli_env, tmp_path))
-    assert str(tmp_path / "nope") in line and "cohort=" in line
+@pytest.mark.parametrize("command", ["ovcf.train", "ovcf.ingest"])
+def test_missing_cohort_folder(cli_env, tmp_path, command):
+    """Named before torch and Lightning load (half a minute on a small CPU): a typo fails in a second."""
+    args = [f"data.cohort={tmp_path / 'nope'}", "logger=csv"] if command == "ovcf.train" else [f"cohort={tmp_path / 'nope'}"]
+    proc = run_cli(command, args, cli_env | {"PYTHONPROFILEIMPORTTIME": "1"}, tmp_path)
+    line = _one_line_error(proc)
+    assert str(tmp_path / "nope") in line and "data.cohort" in line and "cohort=" in line
+    assert not {"torch", "lightning"} & _imported(proc)
 
 
 def test_missing_required_column(cli_env, tmp_path):
@@ -49,5 +54,7 @@ def test_missing_required_column(cli_env, tmp_path):
 
 @pytest.mark.parametrize("override", ["data.dev_center=CQMU", "data.external_center=CQMU"])
 def test_wrong_center_name_lists_the_centers(cli_env, tmp_path, tiny_cohort, override):
-    line = _one_line_error(run_cli("ovcf.train", [f"data.cohort={tiny_cohort}", override, "logger=csv"], cli_env, tmp_path))
-    assert "CQMU" in line and "A, B" in line
+    env = cli_env | {"PYTHONPROFILEIMPORTTIME": "1"}
+    proc = run_cli("ovcf.train", [f"data.cohort={tiny_cohort}", override, "logger=csv"], env, tmp_path)
+    line = _one_line_error(proc)
+    assert "CQMU" in line and "A, B" in line and "torch" not in _imported(proc)

@@ -84,7 +84,7 @@ def _rows(cache):
     return [r for r in read_index(cache) if r["included"]]
 
 
-@pytest.mark.slow(seconds=69)
+@pytest.mark.slow(seconds=170)
 def test_heatmap_concentrates_on_a_planted_band(tmp_path):
     """Acute fractures carry a condensation band and nothing else tells the labels apart; the same
     center is rendered again without the band (every other draw identical), so the band's voxels are

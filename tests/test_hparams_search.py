@@ -158,7 +158,7 @@ def _search_args(cohort: Path, logs: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow(seconds=34)
+@pytest.mark.slow(seconds=62)
 def test_search_stores_trials_and_runs_only_the_missing(tiny_cohort, cli_env, tmp_path):
     """`ovcf.train hparams_search=...` hands over to ovcf.tune: 2 trials; then tune.n_trials=3 adds exactly
     one (the stored ones count), each stored value being its run's val AUROC."""
@@ -186,7 +186,7 @@ def test_search_stores_trials_and_runs_only_the_missing(tiny_cohort, cli_env, tm
     assert f"Best trial {stored.best_trial.number}: val/auroc {stored.best_value:.4f}" in again.stdout
 
 
-@pytest.mark.slow(seconds=28)
+@pytest.mark.slow(seconds=79)
 def test_a_killed_search_continues(tiny_cohort, cli_env, tmp_path):
     """SIGKILL while trial 0 trains: it stays RUNNING; the next run fails it (no heartbeat for the grace
     period), runs it again with the same values, and ends with the requested number of complete trials."""

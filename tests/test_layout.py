@@ -28,7 +28,7 @@ ALLOWED = {
     "eval": set(),
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
-    "cli": {"synth"},
+    "cli": {"synth", "data"},  # a command resolves its cohort (the generator) and checks it before torch loads
     "training": {"cli", "data", "models", "tasks", "eval"},  # one training run: ovcf.train's and ovcf.tune's
     "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},

@@ -108,7 +108,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow(seconds=44)
+@pytest.mark.slow(seconds=59)
 def test_segment_cohort_writes_one_mask_per_patient_on_its_ct(checkpoint, tiny_cohort, cli_env, tmp_path):
     out = tmp_path / "masks"
     proc = run_cli(
@@ -135,7 +135,7 @@ def test_segment_cohort_writes_one_mask_per_patient_on_its_ct(checkpoint, tiny_c
 
 
 @pytest.mark.skipif(not (TOTALSEG / "example_ct.nii.gz").exists(), reason="real CT not in ../shared/data/real")
-@pytest.mark.slow(seconds=45)
+@pytest.mark.slow(seconds=122)
 def test_segment_image_takes_nifti_and_dicom(checkpoint, cli_env, tmp_path):
     """One real CT, as NIfTI (with a reference) and as a DICOM folder: the mask comes back on its grid."""
     ct = TOTALSEG / "example_ct.nii.gz"

@@ -48,7 +48,7 @@ def test_rerun_skips_finished_stages_and_other_settings_are_refused(smoke_study,
     assert proc.returncode == 2 and "other settings (classifiers)" in proc.stderr and "name=NEW" in proc.stderr
 
 
-@pytest.mark.slow(seconds=190)  # 67 s of its own, and it starts first, so it builds the smoke study (about 2 min)
+@pytest.mark.slow(seconds=600)  # 145 s of its own, and it starts first, so it builds the smoke study (about 7 min)
 def test_a_study_killed_mid_epoch_resumes_to_the_same_metrics(smoke_study, phi_cohort, tmp_path):
     """The classifier stage is killed (SIGKILL, the whole process group) during the second epoch of its
     second run; the same command then keeps the first run, continues the second from its last.ckpt,

@@ -20,7 +20,7 @@ from ovcf.synth.cohort import synthetic_cohort
 from ovcf.tasks import ClassificationTask
 
 
-@pytest.mark.slow(seconds=167)
+@pytest.mark.slow(seconds=410)
 def test_smoke_run_writes_checkpoint_and_results(cli_env, tmp_path):
     run = tmp_path / "transfer" / "train_classic_round_box"  # also the training run of the transfer below
     args = ["debug=smoke", "synthetic.style_mix=[classic,round,box]", f"hydra.run.dir={run}"]
@@ -133,7 +133,7 @@ def test_same_seed_same_metrics(tiny_cohort, tmp_path):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.slow(seconds=86)
+@pytest.mark.slow(seconds=390)
 def test_model_learns_easy_cohort_and_its_pretrained_encoder_beats_scratch_on_another_style(tmp_path):
     """On a cohort where every fracture shows its label's signs, val AUROC must reach 0.8 (16 training
     patients make the path noisy: with seed 1 this net climbs to 0.83-0.94, measured over 16 epochs).

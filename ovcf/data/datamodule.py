@@ -17,12 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from ovcf.contract import CLINICAL_CSV, LABELS, SIGNS
+from ovcf.contract import LABELS, SIGNS
 from ovcf.data.augment import build_augment, scale_augment
 from ovcf.data.batch_augment import BATCHED, BatchAugment
-from ovcf.data.clinical import read_centers
 from ovcf.data.ct import IngestChecks
-from ovcf.data.ingest import check_cohort, ingest, read_index
+from ovcf.data.ingest import check_centers, ingest, read_index
 from ovcf.data.roi import RoiSpec, window_hu
 from ovcf.data.sampling import EpochSampler, sample_seed, split_index, world
 from ovcf.data.splits import cohort_splits, one_center_note, write_splits
@@ -248,8 +247,7 @@ class CohortDataModule(L.LightningDataModule):
                 "no cohort: set data.cohort to a cohort folder (python -m ovcf.train and the other entry points "
                 "generate the synthetic cohort when it is null; from Python use ovcf.synth.cohort.synthetic_cohort)"
             )
-        found = read_centers(check_cohort(Path(cohort)) / CLINICAL_CSV)
-        dev, ext = self._centers(found)
+        dev, ext = check_centers(Path(cohort), dev_center, external_center)
         self.centers: dict[str, str | None] = {"dev": dev, "external": ext}
 
     @property
@@ -305,25 +303,6 @@ class CohortDataModule(L.LightningDataModule):
         self.splits = cohort_splits(index, self.centers["dev"], self.centers["external"], self.n_folds, self.hparams.seed)
         write_splits(self.cache / "splits.json", self.splits)
         return self.splits
-
-    def _centers(self, found: list[str]) -> tuple[str, str | None]:
-        """(development, external) center; external is None when the cohort holds one center only."""
-        hp = self.hparams
-        listing = ", ".join(found) or "none"
-        for key, name in (("dev_center", hp.dev_center), ("external_center", hp.external_center)):
-            if name is not None and name not in found:
-                raise ConfigError(f"data.{key}='{name}' is not a center of {self.cohort_path}; centers found: {listing}")
-        if not found:
-            raise ConfigError(f"{CLINICAL_CSV} names no center: fill its center column")
-        dev = hp.dev_center if hp.dev_center is not None else found[0]
-        rest = [c for c in found if c != dev]
-        ext = hp.external_center if hp.external_center is not None else (rest[0] if rest else None)
-        if dev == ext:
-            raise ConfigError(
-                f"data.dev_center and data.external_center are both '{dev}': name two different centers "
-                f"(centers found: {listing}), or leave data.external_center null"
-            )
-        return dev, ext
 
     def _dataset(self, rows: list[dict], transform=None, batched: bool = False) -> VertebraDataset:
         """The samples of `rows`; with `batched` augmentation the mask channel joins after it."""

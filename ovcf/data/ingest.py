@@ -23,7 +23,7 @@ import numpy as np
 
 from ovcf.atomic import exclusive, write_atomic, write_csv, write_json
 from ovcf.contract import CLINICAL_CSV, DICOM_DIR, MASKS_DIR, MAX_CT_MRI_DAYS, SIGNS_COLUMN, SIGNS_UNKNOWN
-from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_clinical
+from ovcf.data.clinical import ClinicalRow, check_clinical, check_one_center, read_centers, read_clinical
 from ovcf.data.ct import NOT_CANDIDATE, UNUSED, USED, IngestChecks, SpineQc, check_level, choose_ct, scan_folder
 from ovcf.data.dicom import FILE_KINDS, find_files
 from ovcf.data.flow import write_flow
@@ -32,7 +32,7 @@ from ovcf.data.quality import level_voxels
 from ovcf.data.roi import RoiSpec
 from ovcf.data.series import Series
 from ovcf.data.volume import Volume, load_nifti, resample_volume
-from ovcf.errors import CohortError
+from ovcf.errors import CohortError, ConfigError
 from ovcf.parallel import pool_map, worker_pool
 
 CACHE_VERSION = 5
@@ -58,6 +58,28 @@ def check_cohort(cohort: Path) -> Path:
     if not (cohort / DICOM_DIR).is_dir():
         raise CohortError(f"{cohort / DICOM_DIR} not found: a cohort folder needs the DICOM export under dicom/")
     return cohort
+
+
+def check_centers(cohort: Path, dev_center: str | None, external_center: str | None) -> tuple[str, str | None]:
+    """(development, external) center of a cohort folder, after `check_cohort`; external is None when
+    the cohort holds one center only. The data module calls it before any work, and the commands call
+    it before they load torch, so a wrong folder or center name fails in a second."""
+    found = read_centers(check_cohort(cohort) / CLINICAL_CSV)
+    listing = ", ".join(found) or "none"
+    for key, name in (("dev_center", dev_center), ("external_center", external_center)):
+        if name is not None and name not in found:
+            raise ConfigError(f"data.{key}='{name}' is not a center of {Path(cohort).expanduser()}; centers found: {listing}")
+    if not found:
+        raise ConfigError(f"{CLINICAL_CSV} names no center: fill its center column")
+    dev = dev_center if dev_center is not None else found[0]
+    rest = [c for c in found if c != dev]
+    ext = external_center if external_center is not None else (rest[0] if rest else None)
+    if dev == ext:
+        raise ConfigError(
+            f"data.dev_center and data.external_center are both '{dev}': name two different centers "
+            f"(centers found: {listing}), or leave data.external_center null"
+        )
+    return dev, ext
 
 
 def _fingerprint(cohort: Path, settings: str) -> tuple[str, int]:

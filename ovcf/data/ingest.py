@@ -61,8 +61,8 @@ def check_cohort(cohort: Path) -> Path:
 
 
 def check_centers(cohort: Path, dev_center: str | None, external_center: str | None) -> tuple[str, str | None]:
-    """(development, external) center of a cohort folder, after `check_cohort`; external is None when
-    the cohort holds one center only. The data module calls it before any work, and the commands call
+    """(development, external) center of a cohort folder, whose layout `check_cohort` checks first;
+    external is None when the cohort holds one center only. The data module calls it before any work, and the commands call
     it before they load torch, so a wrong folder or center name fails in a second."""
     found = read_centers(check_cohort(cohort) / CLINICAL_CSV)
     listing = ", ".join(found) or "none"

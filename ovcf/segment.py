@@ -22,22 +22,14 @@ from omegaconf import DictConfig
 
 from ovcf.atomic import write_csv, write_json
 from ovcf.cli import device, hydra_main, resolve_cohort
-from ovcf.contract import LEVEL_IDS
 from ovcf.data.ct import IngestChecks, read_ct
 from ovcf.data.ingest import read_index
 from ovcf.data.volume import load_nifti, mask_on_ct
 from ovcf.errors import ConfigError
-from ovcf.eval.metrics import dice, label_dice, matched_dice
-from ovcf.inference.models import load_segmenter, segment_ct, segment_volume, to_ct_grid
+from ovcf.inference.models import load_segmenter, reference_scores, segment_ct, segment_volume, to_ct_grid
 from ovcf.parallel import track
 
 log = logging.getLogger(__name__)
-
-NAMES = {verse: level for level, verse in LEVEL_IDS.items()}
-
-
-def _named(scores: dict[int, float]) -> dict[str, float]:
-    return {NAMES.get(verse, str(verse)): value for verse, value in scores.items()}
 
 
 def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
@@ -56,19 +48,15 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
     result = {
         "levels": assignment.levels,
         "anchored": assignment.anchored,
+        "anchor": assignment.anchor,
         "mask": str(target),
         "series": None if choice.series is None else choice.series.name,
         "notes": choice.notes,
     }
-    log.info(f"Levels found: {', '.join(assignment.levels) or 'none'} ({'anchored' if assignment.anchored else 'not anchored'})")
+    how = {"regions": "anchored at a region boundary", "pelvis": "anchored at the pelvis"}.get(assignment.anchor, "not anchored")
+    log.info(f"Levels found: {', '.join(assignment.levels) or 'none'} ({how})")
     if cfg.get("reference"):
-        truth = mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), canon, "reference")
-        result["dice"] = _named(label_dice(labels, truth))
-        result["mean_dice"] = float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
-        result["body_dice"] = dice(labels > 0, truth > 0)
-        result["matched_dice"] = _named(matched_dice(labels, truth))
-        matched = result["matched_dice"]
-        result["mean_matched_dice"] = float(np.mean(list(matched.values()))) if matched else float("nan")
+        result |= reference_scores(labels, mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), canon, "reference"))
         log.info("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
         log.info(
             f"Mean Dice {result['mean_dice']:.3f}; each body against its best-overlapping prediction, whatever its "

@@ -29,11 +29,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovcf.atomic import write_json
 from ovcf.cli import job_overrides, resolve_cohort
+from ovcf.data.ct import IngestChecks
 from ovcf.data.ingest import cache_fingerprint
 from ovcf.data.splits import one_center_note
 from ovcf.errors import ConfigError
+from ovcf.eval.leaderboard import check_line
 from ovcf.eval.metrics import binary_scores
 from ovcf.eval.predictions import write_predictions
+from ovcf.inference.models import check_on_ct
 from ovcf.models.registry import model_task
 from ovcf.tasks.checkpoint import read_checkpoint
 
@@ -201,6 +204,11 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None, call
         stages = ("val", "test") if external else ("val",)
         results["per_level_dice"] = {stage: model.per_level_dice(stage) for stage in stages}
         results["fracture_dice"] = {stage: model.fracture_dice(stage) for stage in stages}
+        if cfg.get("check_ct"):  # labelled CTs outside the cohort (a real scan): reported, never used to choose
+            settings = {"hu_window": tuple(cfg.data.hu_window), "spacing": float(cfg.data.volume_spacing)}
+            results["check"] = check_on_ct(model, settings, cfg.check_ct, IngestChecks.from_config(cfg.get("ingest")))
+            for c in results["check"]:
+                log.info(f"Check on {c['name']}: " + (c.get("skipped") or check_line(c)))
     write_json(out / "results.json", results, indent=2)
     write_json(out / "splits.json", datamodule.splits)  # which patients trained, validated, tested
     if external and hasattr(model, "test_predictions"):

@@ -18,6 +18,11 @@ from ovcf.cli import ConsoleHandler, config_dir, setup_logging
 from ovcf.data.pseudonym import load_key
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+_TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
+REAL_CHECK = {  # a labelled real CT (T12-L5 bodies) that segmenters are checked on
+    "image": _TOTALSEG / "example_ct.nii.gz",
+    "reference": _TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz",
+}
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, tmp: Path | None = None):
@@ -211,14 +216,18 @@ def study_args(cohort: Path, out: Path) -> list[str]:
 
     The classifiers read the cohort's own masks (`data.roi_source=given`): a segmenter trained for
     one epoch on two scans cannot count levels, and ROIs from its masks would exclude every row.
-    The predicted-mask path is tested in test_segment.py."""
+    The predicted-mask path is tested in test_segment.py. With `../shared`, each segmenter is also checked on
+    TotalSegmentator's example_ct (`check_ct`), as a user adds a labelled real CT."""
+    seg = ["model.patch_size=[32,32,32]"]
+    if REAL_CHECK["image"].exists():
+        seg.append(f"check_ct=[{{image:{REAL_CHECK['image']},reference:{REAL_CHECK['reference']}}}]")
     return [
         "debug=smoke",
         f"out={out}",
         f"study.segmenters=[{','.join(STUDY_MODELS['segmenters'])}]",
         f"study.classifiers=[{','.join(STUDY_MODELS['classifiers'])}]",
         f'overrides=["data.cohort={cohort}","data.val_fraction=0.5","data.progress=false"]',
-        'segmentation_overrides=["model.patch_size=[32,32,32]"]',
+        "segmentation_overrides=[" + ",".join(f'"{o}"' for o in seg) + "]",
         'classification_overrides=["data.roi_source=given","data.roi_size=32","trainer.max_epochs=3","logger=wandb"]',
         'evaluate_overrides=["threshold.rule=fixed","gradcam_cases=1","progress=false"]',
     ]

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -115,3 +116,28 @@ def test_roi_margin_spans_each_body(tiny_cohort, tmp_path):
     assert len(spacings) > 3 and np.ptp(spacings) > 0.01, "the spacing follows each body"
     fixed = ingest(tiny_cohort, tmp_path / "cache", RoiSpec(size, 1.5), tmp_path / "key", progress=False)
     assert fixed != cache  # another cache folder: the margin is part of the ROI's settings
+
+
+def test_ingest_takes_a_patients_totalsegmentator_folder(cohort_copy, tmp_path):
+    """One patient's mask as a folder holding a v2-id label map: the same ROIs as from its VerSe file."""
+    roi = RoiSpec(24, 2.0)
+    first = ingest(cohort_copy, tmp_path / "a", roi, tmp_path / "key", progress=False)
+    before = read_index(first)
+    with open(cohort_copy / "clinical.csv", newline="") as fh:
+        pid = next(csv.DictReader(fh))["patient_id"]
+    verse_file = cohort_copy / "masks" / f"{pid}.nii.gz"
+    img = nib.load(verse_file)
+    verse = np.asarray(img.dataobj).astype(np.int16)
+    v2 = np.where(verse > 0, 51 - verse, 0).astype(np.uint8)
+    (cohort_copy / "masks" / pid).mkdir()
+    nib.save(nib.Nifti1Image(v2, img.affine), cohort_copy / "masks" / pid / "ct_total.nii.gz")
+    verse_file.unlink()
+    cache = ingest(cohort_copy, tmp_path / "b", roi, tmp_path / "key", progress=False)
+    after = read_index(cache)
+    assert [(r["row"], r["included"]) for r in after] == [(r["row"], r["included"]) for r in before]
+    name = next(r["pseudonym"] for r in after if r["row"] == 1)
+    old = np.load(first / "samples" / f"{name}.npz")
+    new = np.load(cache / "samples" / f"{name}.npz")
+    rows = [r["row"] for r in after if r["pseudonym"] == name and r["included"]]
+    assert rows and all(np.array_equal(old[f"r{k}_mask"], new[f"r{k}_mask"]) for k in rows)
+    assert pid not in (cache / "index.csv").read_text()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REAL
 
 from ovcf.contract import LEVEL_IDS
 from ovcf.data.instances import REGIONS, assign_levels, region_lut, region_target, split_bodies, touching
+from ovcf.data.roi import window_hu
+from ovcf.data.spine import bone_profile
 from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
 from ovcf.synth.phantom import Grid, render
 
 T, L = REGIONS.index("T") + 1, REGIONS.index("L") + 1
+TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
+WINDOW = (-250.0, 1250.0)
 
 
 def stack(regions: list[int], height: int = 10, gap: int = 3) -> np.ndarray:
@@ -31,7 +37,7 @@ def levels_of(regions, spacing=(2.0, 2.0, 2.0), **kw):
 
 def test_last_rib_anchors_the_count():
     verse, a, found = levels_of(stack([T, T, L, L, L]))
-    assert a.levels == ["T11", "T12", "L1", "L2", "L3"] and a.anchored and a.agreement == 1.0
+    assert a.levels == ["T11", "T12", "L1", "L2", "L3"] and a.anchored and a.anchor == "regions" and a.agreement == 1.0
     assert found == [LEVEL_IDS[x] for x in a.levels]
     # the top box (cranial, largest z) is T11
     assert np.unique(verse[..., -8])[-1] == LEVEL_IDS["T11"]
@@ -122,3 +128,60 @@ def test_a_first_sacral_segment_found_below_l5_is_counted_and_dropped():
     assert a.levels == ["T12", "L1", "L2", "L3", "L4", "L5"] and a.anchored and a.dropped == 1
     assert found == [LEVEL_IDS[x] for x in a.levels]
     assert (verse[..., 3:13] == 0).all()  # the lowest box (S1) is background
+
+
+def pelvis(shape, spacing=2.0, area=1000.0, depth_mm=40.0, sides=(-1, 1), bottom=3) -> np.ndarray:
+    """A bone profile (X, Z) in mm2 per position and slice: `area` per side and slice, 90 mm either side of the
+    middle, in the `depth_mm` under slice `bottom` (the lowest box of `stack` starts at z = 3)."""
+    x_mid = (shape[0] - 1) / 2
+    bone = np.zeros((shape[0] + 120, shape[2] + 40))  # wider and deeper than the region map: the scan's bone
+    z0 = 40 + bottom  # `stack`'s slices sit 40 slices up in this scan
+    for side in sides:
+        bone[int(60 + x_mid + side * 90 / spacing), z0 - int(depth_mm / spacing) : z0] = area
+    return bone
+
+
+def test_the_pelvis_under_the_lowest_body_makes_it_l5():
+    """Six bodies, every slice called lumbar (as a wide real scan's region calls go): the run fits L1..S1 best and
+    its lowest body is dropped as S1, unless the iliac wings under it say that it is L5."""
+    regions = np.pad(stack([L] * 6), ((60, 60), (0, 0), (40, 0)))
+    _, a, _ = levels_of(regions)
+    assert a.levels == ["L1", "L2", "L3", "L4", "L5"] and not a.anchored and a.dropped == 1
+    _, a, found = levels_of(regions, bone=pelvis(stack([L] * 6).shape))
+    assert a.levels == ["T12", "L1", "L2", "L3", "L4", "L5"] and a.anchored and a.anchor == "pelvis"
+    assert found == [LEVEL_IDS[x] for x in a.levels] and a.dropped == 0
+    # Not the pelvis: bone on one side only, rib-sized bone (a fifth), or a scan that ends under the body.
+    for bone in (
+        pelvis(stack([L] * 6).shape, sides=(1,)),
+        pelvis(stack([L] * 6).shape, area=130.0),
+    ):
+        _, a, _ = levels_of(regions, bone=bone)
+        assert a.levels[-1] == "L5" and a.levels[0] == "L1" and a.anchor == "", bone.max()
+    shallow = pelvis(stack([L] * 6).shape)[:, 40:]  # the scan ends 3 slices under the lowest body
+    assert shallow[:, :3].max() > 0
+    _, a, _ = levels_of(np.pad(stack([L] * 6), ((60, 60), (0, 0), (0, 0))), bone=shallow)
+    assert a.levels[0] == "L1" and not a.anchored
+    # A rib boundary in view agrees with the pelvis; the pelvis names the run even where the regions disagree.
+    _, a, _ = levels_of(np.pad(stack([T, T, L, L, L, L, L]), ((60, 60), (0, 0), (40, 0))), bone=pelvis(stack([L] * 7).shape))
+    assert a.levels == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"] and a.anchor == "pelvis"
+
+
+@pytest.mark.skipif(not (TOTALSEG / "example_ct.nii.gz").exists(), reason="real CT not in ../shared/data/real")
+def test_on_a_real_ct_the_pelvis_names_the_bodies_that_region_calls_cannot():
+    """TotalSegmentator's T12-L5 bodies of example_ct (which reaches down through the pelvis), every body called
+    lumbar: the pelvis under L5 names all six right; without it the count ends at S1."""
+    ct = nib.as_closest_canonical(nib.load(TOTALSEG / "example_ct.nii.gz"))
+    ref = nib.as_closest_canonical(nib.load(TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz"))
+    truth = np.asarray(ref.dataobj).astype(np.int64)
+    spacing = ct.header.get_zooms()
+    bone = bone_profile(window_hu(ct.get_fdata().astype(np.float32), WINDOW), spacing, WINDOW)
+    regions = np.where(truth > 0, L, 0)
+    _, a = assign_levels(regions, spacing)
+    assert a.levels == ["L1", "L2", "L3", "L4", "L5"] and not a.anchored
+    verse, a = assign_levels(regions, spacing, bone=bone)
+    assert a.levels == ["T12", "L1", "L2", "L3", "L4", "L5"] and a.anchor == "pelvis"
+    assert (verse == truth).all()
+    # Its ribs beside T12 and L1 are not a pelvis: the body above L5 alone does not anchor.
+    above = np.where((truth > 0) & (truth < LEVEL_IDS["L5"]), L, 0)
+    _, a = assign_levels(above, spacing, bone=bone)
+    assert a.anchor != "pelvis"

@@ -29,7 +29,14 @@ ALLOWED = {
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
     "cli": {"synth", "data"},  # a command resolves its cohort (the generator) and checks it before torch loads
-    "training": {"cli", "data", "models", "tasks", "eval"},  # one training run: ovcf.train's and ovcf.tune's
+    "training": {
+        "cli",
+        "data",
+        "models",
+        "tasks",
+        "eval",
+        "inference",
+    },  # one run of ovcf.train or ovcf.tune; a segmenter's real-CT check
     "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},
 }

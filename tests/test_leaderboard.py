@@ -45,3 +45,16 @@ def test_nan_validation_ranks_last_and_empty_sweep_writes_nothing(tmp_path):
     assert [r["model"] for r in table] == ["umamba", "unet"] and table[0]["best"] == "*"
     (tmp_path / "empty").mkdir()
     assert write_leaderboard(tmp_path / "empty", "val/dice") is None
+
+
+def test_a_real_ct_check_is_reported_beside_the_choice_not_in_it(tmp_path):
+    check = {"name": "example_ct", "levels": ["T12", "L1", "L5"], "anchor": "pelvis", "mean_dice": 0.78, "body_dice": 0.8}
+    _run(tmp_path / "0", "unet", val=0.90, test=0.80, check=[check, {"name": "other", "skipped": "other not found"}])
+    _run(tmp_path / "1", "unetr_pp", val=0.85, test=0.80, check=[check | {"mean_dice": 0.95, "anchor": ""}])
+    path = write_leaderboard(tmp_path, "val/dice")
+    table = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    assert [r["model"] for r in table] == ["unet", "unetr_pp"] and table[0]["best"] == "*"  # the check does not choose
+    assert float(table[0]["check_level_dice"]) == 0.78 and float(table[1]["check_level_dice"]) == 0.95
+    assert table[0]["check"] == "example_ct: T12-L5, anchored at the pelvis, level Dice 0.780, body Dice 0.800"
+    assert "not anchored" in table[1]["check"]
+    assert "check = labelled CTs outside the cohort" in path.read_text()

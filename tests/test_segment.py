@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import REAL, run_cli
 
+from ovcf.data.ct import IngestChecks
 from ovcf.data.ingest import ingest, read_index
 from ovcf.data.pseudonym import load_key, pseudonym
 from ovcf.data.roi import RoiSpec
 from ovcf.eval.metrics import label_dice, matched_dice
-from ovcf.inference.models import to_ct_grid
+from ovcf.inference.models import check_on_ct, load_segmenter, to_ct_grid
 from ovcf.tasks import SegmentationTask
 
 TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
@@ -154,3 +155,10 @@ def test_segment_image_takes_nifti_and_dicom(checkpoint, cli_env, tmp_path):
     assert sorted(nib.load(tmp_path / "example_ct_dicom_levels.nii.gz").shape) == [20, 512, 512]
     proc = run_cli("ovcf.segment", [f"ckpt={checkpoint}", f"image={tmp_path / 'none.nii.gz'}"], cli_env, tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr
+    # A training run's check on labelled CTs scores as this command does; a missing file is skipped, not fatal.
+    task, settings = load_segmenter(checkpoint)
+    pairs = [{"image": ct, "reference": ref}, {"image": tmp_path / "gone.nii.gz", "reference": ref}]
+    checks = check_on_ct(task, settings, pairs, IngestChecks())
+    assert checks[0]["dice"] == pytest.approx(result["dice"]) and checks[0]["body_dice"] == pytest.approx(result["body_dice"])
+    assert checks[0]["levels"] == result["levels"] and checks[0]["anchor"] == result["anchor"]
+    assert checks[1] == {"name": "gone", "skipped": f"{tmp_path / 'gone.nii.gz'} not found"}

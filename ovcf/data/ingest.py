@@ -31,6 +31,7 @@ from ovcf.data.pseudonym import load_key, pseudonym
 from ovcf.data.quality import level_voxels
 from ovcf.data.roi import RoiSpec
 from ovcf.data.series import Series
+from ovcf.data.totalseg import mask_files, read_totalseg
 from ovcf.data.volume import Volume, load_nifti, resample_volume
 from ovcf.errors import CohortError, ConfigError
 from ovcf.parallel import pool_map, worker_pool
@@ -165,10 +166,10 @@ def _work(p: _Patient) -> None:
         p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} is a broken link; restore the file or remove the link")
         return
     if job["mask"] is not None:
-        try:
-            mask = load_nifti(job["mask"])
+        try:  # a folder: TotalSegmentator's output, whose whole vertebrae become bodies
+            mask = read_totalseg(job["mask"]) if job["mask"].is_dir() else load_nifti(job["mask"])
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
-            p.add(None, "mask_mismatch", f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}")
+            p.add(None, "mask_mismatch", p.scrub(f"mask of {job['pseudonym']} unreadable: {type(exc).__name__}: {exc}"))
             return
     named = p.rows[0].ct_series_uid or None
     choice = choose_ct(job["series"], checks.series, named, mask, p.scrub, f"mask of {job['pseudonym']}")
@@ -264,7 +265,13 @@ def _patient_hash(rows: list[ClinicalRow], series: list[Series], mask: Path | No
     h.update(json.dumps([asdict(r) | {"signs": None} for r in rows], default=str).encode())
     for digest in sorted({s.digest for ser in series for s in ser.slices}):
         h.update(digest.encode())
-    h.update(hashlib.sha256(mask.read_bytes()).digest() if mask is not None else b"no mask")
+    if mask is None:
+        h.update(b"no mask")
+    elif mask.is_dir():  # TotalSegmentator's folder: the files its mask is made of
+        for part in mask_files(mask):
+            h.update(part.name.encode() + hashlib.sha256(part.read_bytes()).digest())
+    else:
+        h.update(hashlib.sha256(mask.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -273,8 +280,9 @@ def _jobs(
 ) -> list[dict]:
     """One job per patient of the CSV, with the content hash that decides whether its cache is fresh.
 
-    Masks come from the cohort (`masks/<patient_id>.nii.gz`) or, when `masks` names a folder of predicted masks,
-    from `<masks>/<pseudonym>.nii.gz` as `ovcf.segment` writes them.
+    Masks come from the cohort (`masks/<patient_id>.nii.gz`, else a folder `masks/<patient_id>/` of TotalSegmentator
+    output) or, when `masks` names a folder of predicted masks, from `<masks>/<pseudonym>.nii.gz` as `ovcf.segment`
+    writes them.
     """
     patients: dict[str, list[ClinicalRow]] = {}
     for r in rows:
@@ -283,8 +291,10 @@ def _jobs(
     for pid, prow in patients.items():
         name = pseudonym(pid, key)
         mask = cohort / MASKS_DIR / f"{pid}.nii.gz" if masks is None else masks / f"{name}.nii.gz"
-        broken = mask.is_symlink() and not mask.is_file()  # a dangling or looping link: a data problem, not "no mask"
-        mask = mask if mask.is_file() else None
+        if masks is None and not mask.exists() and not mask.is_symlink() and (cohort / MASKS_DIR / pid).is_dir():
+            mask = cohort / MASKS_DIR / pid
+        broken = mask.is_symlink() and not mask.exists()  # a dangling or looping link: a data problem, not "no mask"
+        mask = mask if mask.is_file() or mask.is_dir() else None
         series = by_patient.get(pid, [])
         jobs.append(
             {

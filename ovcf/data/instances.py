@@ -5,8 +5,9 @@ that carries ribs (thoracic) from one that does not (lumbar), because the rib he
 next to it. This module turns that local answer into levels the way a radiologist counts: split
 the body mask into single bodies, order them cranio-caudally and slide the standard spine
 (C1..C7, T1..T12, L1..L5) along them until the regions agree best. Where a region boundary is in
-view (the last rib: T12 above L1) the count is anchored; where it is not, the run is placed as
-far caudally as fits (a lumbar scan usually ends at the sacrum) and the result says so.
+view (the last rib: T12 above L1) the count is anchored; where the pelvis lies under the lowest
+body, that body is L5 (anchored too); where neither holds, the run is placed as far caudally as
+fits (a lumbar scan usually ends at the sacrum) and the result says so.
 
 Arrays are indexed like the cached volumes: RAS, so the last axis runs caudal to cranial.
 """
@@ -29,6 +30,9 @@ MAX_GAP_MM = 25.0  # most space between neighbouring bodies (a disc, or a body t
 MAX_OVERLAP_MM = 15.0  # bodies tilted with the spine's curve overlap in height
 FRAGMENT_HEIGHT = 1.5  # two pieces sharing axial slices within this many typical body heights may be one body
 FRAGMENT_VOLUME = 0.9  # ... if together they hold less than a typical body
+PELVIS_BAND_MM = (45.0, 140.0)  # the iliac wings' distance from the lowest body's centre, left and right
+PELVIS_AREA_MM2 = 600.0  # median bone per side and slice under the lowest body that makes it the pelvis
+PELVIS_DEPTH_MM = 30.0  # how far under the lowest body the pelvis is looked for (the scan must reach so far)
 
 
 def region_of(level: str) -> int:
@@ -71,14 +75,16 @@ class Assignment:
 
     Attributes:
         levels: level name per body, cranial first.
-        anchored: a region boundary (e.g. the last rib) fixed the count; False when the run was placed by the
-            caudal rule alone.
+        anchored: a region boundary (e.g. the last rib) or the pelvis fixed the count; False when the run was placed
+            by the caudal rule alone.
+        anchor: what fixed it: "regions" (a region boundary), "pelvis" (the lowest body sits on it: L5), or "".
         agreement: share of body voxels whose region matches the assigned level's region.
         dropped: components discarded as too small to be a body.
     """
 
     levels: list[str] = field(default_factory=list)
     anchored: bool = False
+    anchor: str = ""
     agreement: float = float("nan")
     dropped: int = 0
 
@@ -225,7 +231,28 @@ def _column(pieces: list, spacing: np.ndarray) -> list:
     return chain[::-1]
 
 
-def assign_levels(regions: np.ndarray, spacing, min_volume_ml: float = 2.0) -> tuple[np.ndarray, Assignment]:
+def on_pelvis(lowest: np.ndarray, bone: np.ndarray, spacing) -> bool:
+    """Whether the pelvis lies under the body `lowest` (bool X, Y, Z): the iliac wings' bone, both sides of it.
+
+    `bone` is `ovcf.data.spine.bone_profile` of the scan: mm2 of bone per left-right position and slice. In the
+    `PELVIS_DEPTH_MM` under the body, the median slice must hold `PELVIS_AREA_MM2` of bone on each side, within
+    `PELVIS_BAND_MM` of the body's centre; the scan must reach that deep. Ribs beside the lowest thoracic and
+    upper lumbar bodies hold a fifth of that; a phantom scan ends half a body under its lowest level.
+    """
+    spacing = np.asarray(spacing, float)
+    zs = np.flatnonzero(lowest.any((0, 1)))
+    depth = int(round(PELVIS_DEPTH_MM / spacing[2]))
+    if not len(zs) or zs[0] < depth:
+        return False
+    x = (np.arange(bone.shape[0]) - np.flatnonzero(lowest.any((1, 2))).mean()) * spacing[0]
+    below = bone[:, zs[0] - depth : zs[0]]
+    sides = [below[(sign * x >= PELVIS_BAND_MM[0]) & (sign * x <= PELVIS_BAND_MM[1])].sum(0) for sign in (-1, 1)]
+    return bool(min(np.median(side) for side in sides) >= PELVIS_AREA_MM2)
+
+
+def assign_levels(
+    regions: np.ndarray, spacing, min_volume_ml: float = 2.0, bone: np.ndarray | None = None
+) -> tuple[np.ndarray, Assignment]:
     """VerSe label map of a region map, by counting bodies along the standard spine.
 
     Each candidate placement of the n bodies (cranial first) on consecutive levels of `STANDARD_SPINE`
@@ -234,10 +261,15 @@ def assign_levels(regions: np.ndarray, spacing, min_volume_ml: float = 2.0) -> t
     and a segmenter may find it: a body counted as S1 is dropped (masks hold no S1). T13 and L6
     (transitional anatomy) are never assigned.
 
+    When the pelvis lies under the lowest body (`on_pelvis`, given the scan's `bone`), that body is L5: the
+    segmenters learn to leave S1 out, and a wide scan's region calls are weak evidence (on `example_ct` they
+    named T12 lumbar, and L1..S1 outscored the true T12..L5).
+
     Args:
         regions: int (X, Y, Z), RAS; 0 background, else a region class (see `REGIONS`).
         spacing: mm per voxel.
         min_volume_ml: see `split_bodies`.
+        bone: the scan's `ovcf.data.spine.bone_profile` (X, Z), or None (no pelvis anchor).
 
     Returns:
         (verse, assignment): VerSe ids (X, Y, Z) int32, and how the count was made.
@@ -257,15 +289,23 @@ def assign_levels(regions: np.ndarray, spacing, min_volume_ml: float = 2.0) -> t
     scores = [(int(sum(counts[i, level_region[s + i]] for i in range(n_fit))), s == last - 1, s) for s in range(last + 1)]
     best = max(scores)  # ties: ending at L5, then the larger offset (the most caudal run)
     start = best[2]
-    placed = STANDARD_SPINE[start : start + n_fit]
     runner_up = max((score for score, _, s in scores if s != start), default=-1)
+    anchor = (
+        "regions"
+        if len({region_of(level) for level in STANDARD_SPINE[start : start + n_fit]}) > 1 and best[0] > runner_up
+        else ""
+    )
+    if bone is not None and last >= 1 and on_pelvis(instances == n_fit, bone, spacing):
+        best, start, anchor = scores[last - 1], last - 1, "pelvis"
+    placed = STANDARD_SPINE[start : start + n_fit]
     for i, level in enumerate(placed):
         if level in LEVEL_IDS:
             verse[instances == i + 1] = LEVEL_IDS[level]
     levels = [level for level in placed if level in LEVEL_IDS]
     assignment = Assignment(
         levels=levels,
-        anchored=len({region_of(level) for level in placed}) > 1 and best[0] > runner_up,
+        anchored=bool(anchor),
+        anchor=anchor,
         agreement=best[0] / max(int(counts[:n_fit].sum()), 1),
         dropped=dropped + (n - n_fit) + (len(placed) - len(levels)),
     )

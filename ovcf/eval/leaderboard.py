@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from hydra.experimental.callback import Callback
 
 from ovcf.atomic import write_csv, write_text
@@ -33,6 +34,17 @@ def _number(value) -> float:
 
 
 REPORTED = ("body_dice", "dice_fractured", "dice_intact", "level_accuracy", "auroc", "sensitivity", "specificity", "accuracy")
+
+
+def check_line(check: dict) -> str:
+    """One real-CT check of a segmenter (`ovcf.inference.models.check_on_ct`) in words."""
+    if check.get("skipped"):
+        return f"{check['name']}: skipped ({check['skipped']})"
+    levels = check["levels"]
+    named = f"{levels[0]}-{levels[-1]}" if levels else "no level"
+    where = {"regions": "a region boundary", "pelvis": "the pelvis"}.get(check["anchor"])
+    anchor = f", anchored at {where}" if where else ", not anchored"
+    return f"{check['name']}: {named}{anchor}, level Dice {check['mean_dice']:.3f}, body Dice {check['body_dice']:.3f}"
 
 
 def rows(runs: list[dict], metric: str) -> list[dict]:
@@ -57,6 +69,11 @@ def rows(runs: list[dict], metric: str) -> list[dict]:
         per_level = r.get("per_level_dice", {}).get("test")
         if per_level:
             row["test_dice_per_level"] = " ".join(f"{level}:{dice:.3f}" for level, dice in per_level.items())
+        done = [c for c in r.get("check") or [] if not c.get("skipped")]
+        if done:  # a segmenter on labelled CTs outside the cohort: beside the choice, not in it
+            row["check_level_dice"] = float(np.mean([c["mean_dice"] for c in done]))
+            row["check_body_dice"] = float(np.mean([c["body_dice"] for c in done]))
+            row["check"] = "; ".join(check_line(c) for c in done)
         row["params_m"] = round(r["params"] / 1e6, 2) if "params" in r else float("nan")
         row["fit_minutes"] = round(r["fit_seconds"] / 60, 1) if "fit_seconds" in r else float("nan")
         table.append(row)
@@ -83,7 +100,8 @@ def write_leaderboard(sweep_dir: str | Path, metric: str) -> Path | None:
     heading = [
         f"# Leaderboard: {sweep_dir.name}",
         "",
-        f"Ranked by {metric} (validation, development center); test = external center, never used to choose.",
+        f"Ranked by {metric} (validation, development center); test = external center, never used to choose; "
+        "check = labelled CTs outside the cohort (check_ct=), never used to choose either.",
     ]
     return write_tables(sweep_dir, table, heading)
 

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ovcf.contract import LEVEL_IDS
+from ovcf.data.ct import read_ct
 from ovcf.data.instances import Assignment
 from ovcf.data.roi import window_hu
-from ovcf.data.volume import Volume, resample_volume
+from ovcf.data.volume import Volume, load_nifti, mask_on_ct, resample_volume
 from ovcf.errors import ConfigError
+from ovcf.eval.metrics import dice, label_dice, matched_dice
 from ovcf.tasks import ClassificationTask, SegmentationTask
 from ovcf.tasks.checkpoint import build_task, load_state, load_weights, read_checkpoint
 
@@ -141,3 +144,37 @@ def segment_ct(task: SegmentationTask, settings: dict, volume: Volume) -> Segmen
     image, _, affine = resample_volume(volume, None, settings["spacing"])
     verse, assignment = segment_volume(task, image, settings["spacing"], settings["hu_window"])
     return Segmentation(verse, affine, assignment)
+
+
+def reference_scores(labels: np.ndarray, truth: np.ndarray) -> dict:
+    """A predicted level map against a reference (VerSe ids, one grid): Dice per level (named), their mean,
+    the bodies as one mask, and each reference body against its best-overlapping prediction, whatever its level."""
+    names = {verse: level for level, verse in LEVEL_IDS.items()}
+    per_level = {names.get(v, str(v)): d for v, d in label_dice(labels, truth).items()}
+    matched = {names.get(v, str(v)): d for v, d in matched_dice(labels, truth).items()}
+    return {
+        "dice": per_level,
+        "mean_dice": float(np.mean(list(per_level.values()))) if per_level else float("nan"),
+        "body_dice": dice(labels > 0, truth > 0),
+        "matched_dice": matched,
+        "mean_matched_dice": float(np.mean(list(matched.values()))) if matched else float("nan"),
+    }
+
+
+def check_on_ct(task: SegmentationTask, settings: dict, pairs, checks) -> list[dict]:
+    """A trained segmenter scored on labelled CTs outside its cohort (`pairs` of {image, reference}: a NIfTI file
+    or DICOM folder and a VerSe-id mask on its grid), as `ovcf.segment image= reference=` scores one: a check next
+    to the validation Dice (a sweep still chooses by validation). A pair whose files are missing is skipped."""
+    out = []
+    for pair in pairs or []:
+        image, reference = Path(str(pair["image"])).expanduser(), Path(str(pair["reference"])).expanduser()
+        name = image.name.removesuffix(".gz").removesuffix(".nii")
+        if not image.exists() or not reference.is_file():
+            out.append({"name": name, "skipped": f"{image if not image.exists() else reference} not found"})
+            continue
+        canon = read_ct(image, checks).volume.canonical()
+        segmentation = segment_ct(task, settings, canon)
+        truth = mask_on_ct(load_nifti(reference), canon, "reference")
+        a = segmentation.assignment
+        out.append({"name": name, "levels": a.levels, "anchor": a.anchor} | reference_scores(segmentation.on_grid(canon), truth))
+    return out

@@ -146,7 +146,12 @@ def predict_patient(
         "series": None if series is None else series.name,
         "notes": [case.scrub(n, name) for n in notes],
         "ct": {"shape": list(volume.array.shape), "spacing_mm": [round(float(s), 3) for s in volume.spacing]},
-        "segmentation": {"levels": list(assignment.levels), "anchored": bool(assignment.anchored), "heights": heights},
+        "segmentation": {
+            "levels": list(assignment.levels),
+            "anchored": bool(assignment.anchored),
+            "anchor": assignment.anchor,
+            "heights": heights,
+        },
         "levels_requested": levels if isinstance(levels, str) else list(levels),
         "levels": entries,
         "files": files,

@@ -23,6 +23,7 @@ from ovcf.contract import LEVEL_IDS, LEVEL_ORDER
 from ovcf.data.instances import REGIONS, Assignment, assign_levels
 from ovcf.data.levels import encode_verse, level_classes
 from ovcf.data.sampling import seed_epoch
+from ovcf.data.spine import bone_profile, spine_window
 from ovcf.errors import ConfigError
 from ovcf.eval.metrics import dice, label_confusion, level_scores
 from ovcf.eval.overlay import overlay
@@ -96,6 +97,9 @@ class SegmentationTask(L.LightningModule):
         region_slab: axial slices per slab the region classifier reads (5 at 2 mm: a centimetre, enough for ribs that
             slope across several slices).
         region_min_voxels: training slices with fewer body voxels than this (disc edges) teach no region.
+        spine_window_mm: on a whole volume, evaluation and prediction read an axial window this wide (mm) centred
+            on the vertebral column (`ovcf.data.spine`), about the field of view it trained on; None: all of it.
+        hu_window: the HU window of the input, which locating the column needs (the data module's `hu_window`).
     """
 
     def __init__(
@@ -111,9 +115,12 @@ class SegmentationTask(L.LightningModule):
         min_body_ml: float = 2.0,
         region_slab: int = 5,
         region_min_voxels: int = 16,
+        spine_window_mm: float | None = 160.0,
+        hu_window: Sequence[float] = (-250.0, 1250.0),
     ):
         super().__init__()
         model_kwargs = plain(model_kwargs)  # checkpoints must hold only primitives
+        hu_window = [float(v) for v in _plain_list(hu_window)]
         levels = level_classes(_plain_list(levels))
         patch_size = _patch_size(patch_size)
         self.save_hyperparameters()
@@ -213,9 +220,11 @@ class SegmentationTask(L.LightningModule):
             mode="gaussian",
         )
 
-    def levels_of(self, regions: np.ndarray, spacing) -> tuple[np.ndarray, Assignment]:
-        """VerSe ids (X, Y, Z) of a region map (RAS), restricted to `levels`, and how they were counted."""
-        verse, assignment = assign_levels(regions, spacing, self.hparams.min_body_ml)
+    def levels_of(self, regions: np.ndarray, spacing, image: torch.Tensor | None = None) -> tuple[np.ndarray, Assignment]:
+        """VerSe ids (X, Y, Z) of a region map (RAS), restricted to `levels`, and how they were counted; with the
+        windowed `image` (X, Y, Z) the count may also anchor at the pelvis (`ovcf.data.instances.on_pelvis`)."""
+        bone = None if image is None else bone_profile(image.cpu().numpy(), spacing, self.hparams.hu_window)
+        verse, assignment = assign_levels(regions, spacing, self.hparams.min_body_ml, bone)
         return self._restrict(verse), assignment
 
     def _restrict(self, verse: np.ndarray) -> np.ndarray:
@@ -225,9 +234,8 @@ class SegmentationTask(L.LightningModule):
 
     def _evaluate(self, batch: dict, stage: str, batch_idx: int) -> None:
         image, label = batch["image"], self._label(batch)
-        logits = self.sliding_window(image)
+        logits, slices = self.read_volumes(image, batch.get("spacing"))
         loss = self.dice_ce(logits, (label > 0).long())
-        slices = self.slice_regions(image)
         regions = self.region_map(logits, slices)
         truth_slices = slice_regions(label, 1).view(len(image), -1)
         through = truth_slices >= 0
@@ -238,7 +246,7 @@ class SegmentationTask(L.LightningModule):
         dices, bodies, spurious = [], [], []
         for b in range(len(image)):
             spacing = batch["spacing"][b].cpu().numpy() if "spacing" in batch else np.ones(3)
-            pred, _ = self.levels_of(regions[b], spacing)
+            pred, _ = self.levels_of(regions[b], spacing, image[b, 0])
             truth = self._restrict(batch["verse"][b, 0].cpu().numpy())
             cm = label_confusion(
                 encode_verse(torch.from_numpy(pred)), encode_verse(torch.from_numpy(truth)), len(LEVEL_ORDER) + 1
@@ -326,16 +334,40 @@ class SegmentationTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def window(self, image: torch.Tensor, spacing) -> tuple[slice, slice]:
+        """The X and Y ranges of one volume (X, Y, Z) that the segmenter reads: `spine_window_mm` around the column
+        (the whole plane without a spacing or a window)."""
+        mm = self.hparams.spine_window_mm
+        if spacing is None or not mm:
+            return slice(None), slice(None)
+        spacing = spacing.cpu().numpy() if torch.is_tensor(spacing) else np.asarray(spacing, float)
+        return spine_window(image.cpu().numpy(), spacing, self.hparams.hu_window, mm)
+
+    def read_volumes(self, image: torch.Tensor, spacing=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Body logits (B, 2, X, Y, Z) and slice regions (B, Z) of whole volumes, each read in its `window`;
+        outside it, background. `spacing`: (B, 3) mm, or one (3,) for all, or None (no window)."""
+        logits = image.new_zeros((len(image), self.num_classes, *image.shape[2:]))
+        logits[:, 0] = 30.0  # background, certain
+        slices = []
+        for b in range(len(image)):
+            at = None if spacing is None else (spacing[b] if np.ndim(spacing) == 2 else spacing)
+            sx, sy = self.window(image[b, 0], at)
+            part = image[b : b + 1, :, sx, sy]
+            logits[b : b + 1, :, sx, sy] = self.sliding_window(part)
+            slices.append(self.slice_regions(part)[0])
+        return logits, torch.stack(slices)
+
     @torch.no_grad()
-    def predict_regions(self, image: torch.Tensor) -> np.ndarray:
-        """Region classes (X, Y, Z) of one volume (1, 1, X, Y, Z), in eval mode (restoring the previous mode)."""
+    def predict_regions(self, image: torch.Tensor, spacing=None) -> np.ndarray:
+        """Region classes (X, Y, Z) of one volume (1, 1, X, Y, Z), in eval mode (restoring the previous mode);
+        with its `spacing` (mm), read in the window around its column."""
         if image.ndim != 5 or tuple(image.shape[:2]) != (1, 1):
             raise ValueError(f"predict_volume takes one volume of shape (1, 1, X, Y, Z), got {tuple(image.shape)}")
         was_training = self.training
         self.eval()
         try:
             image = image.to(device=self.device, dtype=torch.float32)
-            regions = self.region_map(self.sliding_window(image), self.slice_regions(image))
+            regions = self.region_map(*self.read_volumes(image, spacing))
         finally:
             self.train(was_training)
         return regions[0]
@@ -350,7 +382,8 @@ class SegmentationTask(L.LightningModule):
         Returns:
             (label map, how the levels were counted).
         """
-        verse, assignment = self.levels_of(self.predict_regions(image), np.asarray(spacing, float))
+        spacing = np.asarray(spacing, float)
+        verse, assignment = self.levels_of(self.predict_regions(image, spacing), spacing, image[0, 0])
         return torch.from_numpy(verse).to(image.device), assignment
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ovcf.data.ct import IngestChecks, read_ct
 from ovcf.data.ingest import read_index
 from ovcf.data.volume import load_nifti, mask_on_ct
 from ovcf.errors import ConfigError
+from ovcf.eval.leaderboard import anchor_words
 from ovcf.inference.models import load_segmenter, reference_scores, segment_ct, segment_volume, to_ct_grid
 from ovcf.parallel import track
 
@@ -53,8 +54,7 @@ def segment_image(cfg: DictConfig, task, settings: dict) -> dict:
         "series": None if choice.series is None else choice.series.name,
         "notes": choice.notes,
     }
-    how = {"regions": "anchored at a region boundary", "pelvis": "anchored at the pelvis"}.get(assignment.anchor, "not anchored")
-    log.info(f"Levels found: {', '.join(assignment.levels) or 'none'} ({how})")
+    log.info(f"Levels found: {', '.join(assignment.levels) or 'none'} ({anchor_words(assignment.anchor)})")
     if cfg.get("reference"):
         result |= reference_scores(labels, mask_on_ct(load_nifti(Path(cfg.reference).expanduser()), canon, "reference"))
         log.info("Dice per level: " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))

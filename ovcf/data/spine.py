@@ -18,9 +18,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-PELVIS_HU = 200.0  # the iliac wings' bone in `bone_profile` (their marrow too, in a young patient)
 BODY_HU = -200.0  # above it: the patient (fat is about -100); below: air and the table's foam
-BONE_HU = 200.0  # cortex and posterior elements lie above it, soft tissue and contrast-free organs below
+BONE_HU = 200.0  # cortex, posterior elements and iliac wings lie above it; soft tissue and plain organs below
 BAND_MM = 25.0  # half-width of the midline band searched for the column, and of the box that refines it
 SMOOTH_MM = 8.0  # the bone profile's smoothing along the antero-posterior axis
 
@@ -31,10 +30,10 @@ def _level(hu: float, hu_window) -> float:
 
 
 def bone_profile(image: np.ndarray, spacing, hu_window) -> np.ndarray:
-    """Bone (above `PELVIS_HU`) per left-right position and axial slice, (X, Z), in mm2 of the slice's plane:
+    """Bone (above `BONE_HU`) per left-right position and axial slice, (X, Z), in mm2 of the slice's plane:
     what `ovcf.data.instances` reads beside the lowest body to tell whether the pelvis lies under it."""
     spacing = np.asarray(spacing, float)
-    return (image > _level(PELVIS_HU, hu_window)).sum(axis=1) * float(spacing[0] * spacing[1])
+    return (image > _level(BONE_HU, hu_window)).sum(axis=1) * float(spacing[0] * spacing[1])
 
 
 def spine_window(image: np.ndarray, spacing, hu_window, extent_mm: float) -> tuple[slice, slice]:

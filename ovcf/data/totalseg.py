@@ -28,13 +28,20 @@ MIN_CANAL_MM2 = 20.0  # a hole in an axial slice of the spine smaller than this 
 BODY_DEPTH_MM = 50.0  # a lumbar body is 30-40 mm deep, a whole vertebra with its spinous process 70-100 mm
 
 
+def _per_level(folder: Path) -> dict[str, Path]:
+    """The per-structure files of the levels (`vertebrae_L1.nii.gz` ...), by level name."""
+    files = {p.name[len("vertebrae_") : -len(".nii.gz")]: p for p in folder.glob("vertebrae_*.nii.gz")}
+    return {level: p for level, p in sorted(files.items()) if level in LEVEL_IDS}
+
+
+def _label_maps(folder: Path) -> list[Path]:
+    """The folder's label maps besides `BODY_FILE`: its per-structure levels, else every NIfTI file (one --ml map)."""
+    return list(_per_level(folder).values()) or sorted(p for p in folder.glob("*.nii.gz") if p.name != BODY_FILE)
+
+
 def mask_files(folder: Path) -> list[Path]:
     """The files of a TotalSegmentator folder that make the mask: what a cache's freshness depends on."""
-    per_level = sorted(folder.glob("vertebrae_[CTL]*.nii.gz"))
-    if per_level:
-        return per_level + ([folder / BODY_FILE] if (folder / BODY_FILE).is_file() else [])
-    multi = sorted(p for p in folder.glob("*.nii.gz") if p.name != BODY_FILE)
-    return multi + ([folder / BODY_FILE] if (folder / BODY_FILE).is_file() else [])
+    return _label_maps(folder) + ([folder / BODY_FILE] if (folder / BODY_FILE).is_file() else [])
 
 
 def read_totalseg(folder: Path) -> Volume:
@@ -44,17 +51,16 @@ def read_totalseg(folder: Path) -> Volume:
         CohortError: the folder holds neither per-structure `vertebrae_<level>.nii.gz` files nor exactly one
             label map, or its files lie on different grids.
     """
-    per_level = {p.name[len("vertebrae_") : -len(".nii.gz")]: p for p in folder.glob("vertebrae_*.nii.gz")}
-    per_level = {level: p for level, p in per_level.items() if level in LEVEL_IDS}
+    per_level = _per_level(folder)
     if per_level:
         first = load_nifti(per_level[min(per_level)])
         labels = np.zeros(first.array.shape, np.int16)
-        for level, path in sorted(per_level.items()):
+        for level, path in per_level.items():
             part = _on_grid(load_nifti(path), first, path)
             labels[part.array > 0] = LEVEL_IDS[level]
         whole = Volume(labels, first.affine)
     else:
-        multi = [p for p in mask_files(folder) if p.name != BODY_FILE]
+        multi = _label_maps(folder)
         if len(multi) != 1:
             raise CohortError(
                 f"mask folder {folder} holds {len(multi)} label maps and no vertebrae_<level>.nii.gz: put TotalSegmentator's "

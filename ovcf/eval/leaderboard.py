@@ -36,15 +36,22 @@ def _number(value) -> float:
 REPORTED = ("body_dice", "dice_fractured", "dice_intact", "level_accuracy", "auroc", "sensitivity", "specificity", "accuracy")
 
 
+def anchor_words(anchor: str) -> str:
+    """How a count of levels was anchored (`ovcf.data.instances.Assignment.anchor`), in words."""
+    where = {"regions": "a region boundary", "pelvis": "the pelvis"}.get(anchor)
+    return f"anchored at {where}" if where else "not anchored"
+
+
 def check_line(check: dict) -> str:
     """One real-CT check of a segmenter (`ovcf.inference.models.check_on_ct`) in words."""
     if check.get("skipped"):
         return f"{check['name']}: skipped ({check['skipped']})"
     levels = check["levels"]
     named = f"{levels[0]}-{levels[-1]}" if levels else "no level"
-    where = {"regions": "a region boundary", "pelvis": "the pelvis"}.get(check["anchor"])
-    anchor = f", anchored at {where}" if where else ", not anchored"
-    return f"{check['name']}: {named}{anchor}, level Dice {check['mean_dice']:.3f}, body Dice {check['body_dice']:.3f}"
+    return (
+        f"{check['name']}: {named}, {anchor_words(check['anchor'])}, level Dice {check['mean_dice']:.3f}, "
+        f"body Dice {check['body_dice']:.3f}"
+    )
 
 
 def rows(runs: list[dict], metric: str) -> list[dict]:

@@ -208,7 +208,7 @@ def fit_and_test(cfg: DictConfig, out: Path, stop_epoch: int | None = None, call
             settings = {"hu_window": tuple(cfg.data.hu_window), "spacing": float(cfg.data.volume_spacing)}
             results["check"] = check_on_ct(model, settings, cfg.check_ct, IngestChecks.from_config(cfg.get("ingest")))
             for c in results["check"]:
-                log.info(f"Check on {c['name']}: " + (c.get("skipped") or check_line(c)))
+                log.info(f"Check on {check_line(c)}")
     write_json(out / "results.json", results, indent=2)
     write_json(out / "splits.json", datamodule.splits)  # which patients trained, validated, tested
     if external and hasattr(model, "test_predictions"):

@@ -18,11 +18,10 @@ from ovcf.cli import ConsoleHandler, config_dir, setup_logging
 from ovcf.data.pseudonym import load_key
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-_TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
-REAL_CHECK = {  # a labelled real CT (T12-L5 bodies) that segmenters are checked on
-    "image": _TOTALSEG / "example_ct.nii.gz",
-    "reference": _TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz",
-}
+TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
+EXAMPLE_CT = TOTALSEG / "example_ct.nii.gz"  # a real abdominal CT, T11 to the pelvis, 3 mm
+EXAMPLE_BODIES = TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz"  # its T12-L5 bodies
+needs_example_ct = pytest.mark.skipif(not EXAMPLE_CT.exists(), reason="real CT not in ../shared/data/real")
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None, tmp: Path | None = None):
@@ -219,8 +218,8 @@ def study_args(cohort: Path, out: Path) -> list[str]:
     The predicted-mask path is tested in test_segment.py. With `../shared`, each segmenter is also checked on
     TotalSegmentator's example_ct (`check_ct`), as a user adds a labelled real CT."""
     seg = ["model.patch_size=[32,32,32]"]
-    if REAL_CHECK["image"].exists():
-        seg.append(f"check_ct=[{{image:{REAL_CHECK['image']},reference:{REAL_CHECK['reference']}}}]")
+    if EXAMPLE_CT.exists():
+        seg.append(f"check_ct=[{{image:{EXAMPLE_CT},reference:{EXAMPLE_BODIES}}}]")
     return [
         "debug=smoke",
         f"out={out}",

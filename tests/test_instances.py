@@ -5,7 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REAL
+from conftest import EXAMPLE_BODIES, EXAMPLE_CT, needs_example_ct
 
 from ovcf.contract import LEVEL_IDS
 from ovcf.data.instances import REGIONS, assign_levels, region_lut, region_target, split_bodies, touching
@@ -15,7 +15,6 @@ from ovcf.synth.anatomy import apply_fracture_heights, draw_fracture, draw_spine
 from ovcf.synth.phantom import Grid, render
 
 T, L = REGIONS.index("T") + 1, REGIONS.index("L") + 1
-TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
 WINDOW = (-250.0, 1250.0)
 
 
@@ -166,12 +165,12 @@ def test_the_pelvis_under_the_lowest_body_makes_it_l5():
     assert a.levels == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"] and a.anchor == "pelvis"
 
 
-@pytest.mark.skipif(not (TOTALSEG / "example_ct.nii.gz").exists(), reason="real CT not in ../shared/data/real")
+@needs_example_ct
 def test_on_a_real_ct_the_pelvis_names_the_bodies_that_region_calls_cannot():
     """TotalSegmentator's T12-L5 bodies of example_ct (which reaches down through the pelvis), every body called
     lumbar: the pelvis under L5 names all six right; without it the count ends at S1."""
-    ct = nib.as_closest_canonical(nib.load(TOTALSEG / "example_ct.nii.gz"))
-    ref = nib.as_closest_canonical(nib.load(TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz"))
+    ct = nib.as_closest_canonical(nib.load(EXAMPLE_CT))
+    ref = nib.as_closest_canonical(nib.load(EXAMPLE_BODIES))
     truth = np.asarray(ref.dataobj).astype(np.int64)
     spacing = ct.header.get_zooms()
     bone = bone_profile(window_hu(ct.get_fdata().astype(np.float32), WINDOW), spacing, WINDOW)

@@ -29,14 +29,8 @@ ALLOWED = {
     "tasks": {"data", "models", "eval"},
     "inference": {"data", "models", "tasks", "eval"},
     "cli": {"synth", "data"},  # a command resolves its cohort (the generator) and checks it before torch loads
-    "training": {
-        "cli",
-        "data",
-        "models",
-        "tasks",
-        "eval",
-        "inference",
-    },  # one run of ovcf.train or ovcf.tune; a segmenter's real-CT check
+    # one run of ovcf.train or ovcf.tune; inference: a segmenter's real-CT check goes through ovcf.segment's path
+    "training": {"cli", "data", "models", "tasks", "eval", "inference"},
     "ablation": {"synth", "inference", "eval"},  # scores trained classifiers on cohorts rendered again
     "bench": {"cli", "data", "models", "tasks", "synth"},
 }

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REAL, run_cli
+from conftest import EXAMPLE_BODIES, EXAMPLE_CT, TOTALSEG, needs_example_ct, run_cli
 
 from ovcf.data.ct import IngestChecks
 from ovcf.data.ingest import ingest, read_index
@@ -20,8 +20,6 @@ from ovcf.data.roi import RoiSpec
 from ovcf.eval.metrics import label_dice, matched_dice
 from ovcf.inference.models import check_on_ct, load_segmenter, to_ct_grid
 from ovcf.tasks import SegmentationTask
-
-TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
 
 
 def test_labels_go_back_to_the_ct_voxels_in_world_coordinates():
@@ -135,12 +133,12 @@ def test_segment_cohort_writes_one_mask_per_patient_on_its_ct(checkpoint, tiny_c
     assert "data.roi_source=predicted" in proc.stdout
 
 
-@pytest.mark.skipif(not (TOTALSEG / "example_ct.nii.gz").exists(), reason="real CT not in ../shared/data/real")
+@needs_example_ct
 @pytest.mark.slow(seconds=122)
 def test_segment_image_takes_nifti_and_dicom(checkpoint, cli_env, tmp_path):
     """One real CT, as NIfTI (with a reference) and as a DICOM folder: the mask comes back on its grid."""
-    ct = TOTALSEG / "example_ct.nii.gz"
-    ref = TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz"
+    ct = EXAMPLE_CT
+    ref = EXAMPLE_BODIES
     proc = run_cli(
         "ovcf.segment", [f"ckpt={checkpoint}", f"image={ct}", f"reference={ref}", f"out={tmp_path}"], cli_env, tmp_path
     )

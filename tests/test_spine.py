@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
-from conftest import REAL
+from conftest import EXAMPLE_BODIES, EXAMPLE_CT, needs_example_ct
 from scipy import ndimage
 
 from ovcf.data.roi import window_hu
@@ -14,7 +13,6 @@ from ovcf.data.spine import spine_window
 from ovcf.tasks.segmentation import SegmentationTask
 
 WINDOW = (-250.0, 1250.0)
-TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
 
 
 def torso(shape=(180, 150, 60), column=(97, 100), spacing=2.0) -> np.ndarray:
@@ -70,11 +68,11 @@ def test_the_segmenter_reads_the_window_and_calls_the_rest_background():
     assert whole.shape == logits.shape and not torch.equal(whole, logits)
 
 
-@pytest.mark.skipif(not (TOTALSEG / "example_ct.nii.gz").exists(), reason="real CT not in ../shared/data/real")
+@needs_example_ct
 def test_on_a_real_abdominal_ct_the_window_holds_every_vertebral_body():
     """TotalSegmentator's example_ct (366 x 303 mm, T11 to the sacrum, with bowel, kidneys and iliac wings)."""
-    ct = nib.load(TOTALSEG / "example_ct.nii.gz")
-    bodies = nib.load(TOTALSEG / "spine_report" / "test_result" / "totalseg_vertebrae_pp_refined.nii.gz")
+    ct = nib.load(EXAMPLE_CT)
+    bodies = nib.load(EXAMPLE_BODIES)
     assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and np.allclose(ct.affine, bodies.affine)
     for spacing in (3.0, 2.0):
         hu = ndimage.zoom(ct.get_fdata().astype(np.float32), 3.0 / spacing, order=1)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REAL
+from conftest import EXAMPLE_BODIES, EXAMPLE_CT, TOTALSEG
 
 from ovcf.contract import LEVEL_IDS
 from ovcf.data.totalseg import read_totalseg
 from ovcf.data.volume import load_nifti, mask_on_ct
 from ovcf.errors import CohortError
 
-TOTALSEG = REAL / "totalsegmentator" / "tests" / "reference_files"
 REPORT = TOTALSEG / "spine_report" / "test_result"
 needs_real = pytest.mark.skipif(not (REPORT / "totalseg.nii.gz").exists(), reason="real CT not in ../shared/data/real")
 
@@ -34,8 +33,8 @@ def link(folder, *files, body=None):
 @needs_real
 def test_whole_vertebrae_of_a_real_ct_become_its_bodies(tmp_path):
     """example_ct's multilabel output (v2 ids, whole vertebrae) against TotalSegmentator's refined T12-L5 bodies."""
-    ct = load_nifti(TOTALSEG / "example_ct.nii.gz")
-    truth = mask_on_ct(load_nifti(REPORT / "totalseg_vertebrae_pp_refined.nii.gz"), ct, "reference")
+    ct = load_nifti(EXAMPLE_CT)
+    truth = mask_on_ct(load_nifti(EXAMPLE_BODIES), ct, "reference")
     whole = np.rint(load_nifti(REPORT / "totalseg.nii.gz").array).astype(int)
     cut = mask_on_ct(read_totalseg(link(tmp_path / "cut", REPORT / "totalseg.nii.gz")), ct, "cut")
     body = mask_on_ct(

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REAL_CHECK, compose_cfg, run_cli, synthetic_params
+from conftest import EXAMPLE_CT, compose_cfg, run_cli, synthetic_params
 
 from ovcf.contract import LEVEL_ORDER
 from ovcf.data import CohortDataModule
@@ -87,7 +87,7 @@ def test_segmenter_sweep_writes_a_leaderboard(smoke_study):
     vals = [float(r["val_dice"]) for r in table]
     assert sorted(r["model"] for r in table) == ["unet", "unetr_pp"] and vals == sorted(vals, reverse=True)
     assert table[0]["best"] == "*" and (sweep / "leaderboard.md").exists()
-    if REAL_CHECK["image"].exists():  # each segmenter checked on a real CT, beside the choice
+    if EXAMPLE_CT.exists():  # each segmenter checked on a real CT, beside the choice
         for r, row in zip(results, sorted(table, key=lambda row: row["run"])):
             (check,) = r["check"]
             assert check["name"] == "example_ct" and set(check["dice"]) == {"T12", "L1", "L2", "L3", "L4", "L5"}

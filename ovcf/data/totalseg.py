@@ -74,7 +74,8 @@ def read_totalseg(folder: Path) -> Volume:
     if body_file.is_file():
         body = _on_grid(load_nifti(body_file), whole, body_file).array == 1
         return Volume(np.where(body, whole.array, 0).astype(np.int16), whole.affine)
-    return Volume(bodies_of(whole.canonical()), whole.canonical().affine)
+    canon = whole.canonical()
+    return Volume(bodies_of(canon), canon.affine)
 
 
 def _on_grid(part: Volume, ref: Volume, path: Path) -> Volume:
